@@ -1,0 +1,92 @@
+import * as pulumi from "@pulumi/pulumi";
+import { Command } from "@pulumi/command/local/command";
+import { DeploySettings } from "../lib/config";
+import { flakeHash } from "../lib/flakeHash";
+
+/**
+ * Paths relative to the project directory, where `pulumi up` runs the program: inputs that hold
+ * no absolute path stay the same in every clone, so a clone elsewhere does not re-deploy.
+ */
+export const DEPLOY_SCRIPT = "deploy/nixos-deploy.sh";
+export const FLAKE_DIR = "nix";
+
+export interface NixosDeploymentArgs {
+    /** `nixosConfigurations.<flakeAttr>` to switch the host to. */
+    readonly flakeAttr: string;
+    /** The EC2 instance; a new instance is a new deploy. */
+    readonly instanceId: pulumi.Input<string>;
+    /** Address the deploy connects to. */
+    readonly host: pulumi.Input<string>;
+    /** User to log in as (root on the NixOS images). */
+    readonly user: string;
+    /** The admin's OpenSSH private key (secret). */
+    readonly sshPrivateKey: pulumi.Input<string>;
+    /** The only host key trusted, `ssh-ed25519 AAAA...`. */
+    readonly hostPublicKey: pulumi.Input<string>;
+    readonly settings: DeploySettings;
+    /** The flake directory to hash; defaults to nix/ of the project. */
+    readonly flakeDir?: string;
+}
+
+export interface DeployResult {
+    readonly systemPath: string;
+    readonly generation: number;
+}
+
+/** The deploy script's last stdout line: `{"systemPath":"/nix/store/...","generation":N}`. */
+export function parseDeployResult(stdout: string): DeployResult {
+    const last = stdout.trim().split("\n").pop() ?? "";
+    let parsed: unknown;
+    try {
+        parsed = JSON.parse(last);
+    } catch {
+        throw new Error(`the deploy script's last line is not JSON: ${JSON.stringify(last.slice(0, 200))}`);
+    }
+    const { systemPath, generation } = (parsed ?? {}) as Record<string, unknown>;
+    if (typeof systemPath !== "string" || !systemPath.startsWith("/nix/store/") || typeof generation !== "number" || !Number.isInteger(generation)) {
+        throw new Error(`the deploy script's result lacks systemPath (a /nix/store path) or generation (an integer): ${last.slice(0, 200)}`);
+    }
+    return { systemPath, generation };
+}
+
+/** Switches one host to its flake configuration whenever the flake, the host or its key changes. */
+export class NixosDeployment extends pulumi.ComponentResource {
+    /** SHA-256 of the flake directory the host was switched to. */
+    public readonly flakeHash: string;
+    public readonly systemPath: pulumi.Output<string>;
+    public readonly generation: pulumi.Output<number>;
+
+    constructor(name: string, args: NixosDeploymentArgs, opts?: pulumi.ComponentResourceOptions) {
+        super("nixos-ec2:index:NixosDeployment", name, args, opts);
+
+        this.flakeHash = flakeHash(args.flakeDir ?? FLAKE_DIR);
+        const run = `bash ${DEPLOY_SCRIPT}`;
+        const command = new Command(
+            `${name}-switch`,
+            {
+                create: run,
+                update: run,
+                // Nothing to undo on the host: destroying the deploy goes with destroying the instance.
+                triggers: [this.flakeHash, args.flakeAttr, args.instanceId, args.hostPublicKey],
+                addPreviousOutputInEnv: false,
+                environment: {
+                    NIXOS_EC2_HOST: args.host,
+                    NIXOS_EC2_USER: args.user,
+                    NIXOS_EC2_SSH_PRIVATE_KEY: pulumi.secret(args.sshPrivateKey),
+                    NIXOS_EC2_HOST_PUBLIC_KEY: args.hostPublicKey,
+                    NIXOS_EC2_FLAKE_DIR: FLAKE_DIR,
+                    NIXOS_EC2_FLAKE_ATTR: args.flakeAttr,
+                    NIXOS_EC2_CONNECT_TIMEOUT_SECONDS: String(args.settings.connectTimeoutSeconds),
+                    NIXOS_EC2_ROLLBACK_TIMEOUT_SECONDS: String(args.settings.rollbackTimeoutSeconds),
+                    NIXOS_EC2_ALLOW_FAILED_UNITS: String(args.settings.allowFailedUnits),
+                },
+            },
+            { parent: this },
+        );
+
+        const result = command.stdout.apply(parseDeployResult);
+        this.systemPath = result.systemPath;
+        this.generation = result.generation;
+        this.registerOutputs({ flakeHash: this.flakeHash, systemPath: this.systemPath, generation: this.generation });
+    }
+}

@@ -1,0 +1,75 @@
+import * as pulumi from "@pulumi/pulumi";
+import { Firewall } from "./components/firewall";
+import { ADMIN_USER, NixosHost } from "./components/nixosHost";
+import { NixosDeployment } from "./components/nixosDeployment";
+import { SshKeys } from "./components/sshKeys";
+import { StateStore } from "./components/stateStore";
+import { readSettings } from "./lib/readSettings";
+import { stackTags } from "./lib/tags";
+
+// Every configuration error is reported here, before any resource is registered.
+const settings = readSettings();
+const tags = stackTags(settings.stack);
+
+const stateStore = new StateStore("state", { stack: settings.stack, region: settings.region, tags });
+
+const firewall = new Firewall("hosts", {
+    sshAllowedCidrs: settings.sshAllowedCidrs,
+    publicTcpPorts: settings.publicTcpPorts,
+    vpcId: settings.vpcId,
+    tags,
+});
+
+const keys = new SshKeys("ssh", { hostNames: settings.hosts.map((h) => h.name), tags });
+
+const fleet = settings.hosts.map((host) => {
+    const server = new NixosHost(host.name, {
+        stack: settings.stack,
+        hostName: host.name,
+        instanceType: host.instanceType,
+        rootVolumeGiB: host.rootVolumeGiB,
+        architecture: host.architecture,
+        nixosRelease: settings.nixosRelease,
+        ami: settings.ami,
+        securityGroupId: firewall.securityGroupId,
+        subnetId: settings.subnetId,
+        keyName: keys.keyPairName,
+        hostPrivateKey: keys.hostKeys[host.name].privateKey,
+        hostPublicKey: keys.hostKeys[host.name].publicKey,
+        elasticIp: settings.elasticIp,
+        terminationProtection: settings.terminationProtection,
+        tags,
+    });
+    const deployment = new NixosDeployment(host.name, {
+        flakeAttr: host.flakeAttr,
+        instanceId: server.instanceId,
+        host: server.publicIp,
+        user: ADMIN_USER,
+        sshPrivateKey: keys.adminPrivateKey,
+        hostPublicKey: server.hostPublicKey,
+        settings: settings.deploy,
+    });
+    return { host, server, deployment };
+});
+
+export const hosts = Object.fromEntries(
+    fleet.map(({ host, server, deployment }) => [
+        host.name,
+        {
+            flakeAttr: host.flakeAttr,
+            instanceType: host.instanceType,
+            instanceId: server.instanceId,
+            publicIp: server.publicIp,
+            publicDns: server.publicDns,
+            url: server.url,
+            sshCommand: server.sshCommand,
+            hostPublicKey: server.hostPublicKey,
+            systemPath: deployment.systemPath,
+            generation: deployment.generation,
+        },
+    ]),
+);
+export const backendUrl = stateStore.backendUrl;
+export const secretsProvider = stateStore.secretsProvider;
+export const adminPublicKey = keys.adminPublicKey;
+export const adminPrivateKey = pulumi.secret(keys.adminPrivateKey);

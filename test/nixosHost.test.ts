@@ -1,0 +1,132 @@
+import { amiNamePattern, hostKeyUserData } from "../components/nixosHost";
+import { OfflineRun, SecretValue } from "../lib/offline";
+import { childrenOf, resource, runProgram } from "./support/program";
+
+const INSTANCE = "aws:ec2/instance:Instance";
+
+describe("NixosHost", () => {
+    let staging: OfflineRun;
+    let prod: OfflineRun;
+    beforeAll(async () => {
+        staging = await runProgram("staging");
+        prod = await runProgram("prod");
+    });
+
+    it("boots the instance with IMDSv2 (hop limit 1), an encrypted gp3 root, monitoring, the firewall and the admin key", () => {
+        const instance = resource(staging, INSTANCE, "staging-instance");
+        const sg = resource(staging, "aws:ec2/securityGroup:SecurityGroup", "hosts-sg");
+        const keyPair = resource(staging, "aws:ec2/keyPair:KeyPair", "ssh-admin");
+        const tags = { Project: "nixos-ec2", Stack: "staging", Name: "staging-staging" };
+        expect(instance.inputs).toEqual({
+            ami: "(looked up at deploy: newest AMI of owner 427812963091 named nixos/26.05* for x86_64)",
+            instanceType: "t3.small",
+            keyName: expect.any(String),
+            vpcSecurityGroupIds: [expect.any(String)],
+            associatePublicIpAddress: true,
+            metadataOptions: { httpEndpoint: "enabled", httpTokens: "required", httpPutResponseHopLimit: 1 },
+            rootBlockDevice: { volumeType: "gp3", volumeSize: 20, encrypted: true, deleteOnTermination: true },
+            monitoring: true,
+            disableApiTermination: false,
+            userData: expect.any(SecretValue),
+            tags,
+            volumeTags: tags,
+        });
+        expect(instance.dependencies).toEqual(expect.arrayContaining([sg.urn, keyPair.urn]));
+        expect(instance.ignoreChanges).toEqual(["ami"]);
+    });
+
+    it("looks the image up by the official owner, the release's name pattern and the architecture", () => {
+        expect(staging.invokes).toEqual([
+            {
+                token: "aws:ec2/getAmi:getAmi",
+                args: {
+                    owners: ["427812963091"],
+                    mostRecent: true,
+                    filters: [
+                        { name: "name", values: ["nixos/26.05*"] },
+                        { name: "architecture", values: ["x86_64"] },
+                    ],
+                },
+            },
+        ]);
+        expect(staging.unmockedInvokes).toEqual([]);
+    });
+
+    it("uses the arm64 image for Graviton hosts, and a pinned AMI as given without a lookup", async () => {
+        const arm = await runProgram("staging", { instanceType: "t4g.small", nixosRelease: "25.11" });
+        expect(arm.invokes[0].args.filters).toEqual([
+            { name: "name", values: ["nixos/25.11*"] },
+            { name: "architecture", values: ["arm64"] },
+        ]);
+        const pinned = await runProgram("staging", { ami: "ami-0123456789abcdef0" });
+        expect(pinned.invokes).toEqual([]);
+        expect(resource(pinned, INSTANCE, "staging-instance").inputs.ami).toBe("ami-0123456789abcdef0");
+    });
+
+    it("puts only the host key lines in user-data, as a secret", () => {
+        const instance = resource(staging, INSTANCE, "staging-instance");
+        const userData = String((instance.inputs.userData as SecretValue).value);
+        const lines = userData.trimEnd().split("\n");
+        expect(lines).toHaveLength(2);
+        expect(lines[0]).toMatch(/^SSH_HOST_ED25519_KEY:-----BEGIN OPENSSH PRIVATE KEY-----\|[A-Za-z0-9+/=|]+\|-----END OPENSSH PRIVATE KEY-----$/);
+        const hosts = staging.outputs.hosts as Record<string, { hostPublicKey: string }>;
+        expect(lines[1]).toBe(`SSH_HOST_ED25519_KEY_PUB:${hosts.staging.hostPublicKey}`);
+    });
+
+    it("hostKeyUserData joins the key's lines with | exactly as apply-ec2-data splits them", () => {
+        const key = "-----BEGIN OPENSSH PRIVATE KEY-----\nAAA\nBBB\n-----END OPENSSH PRIVATE KEY-----\n";
+        const data = hostKeyUserData(key, "ssh-ed25519 AAAAkey\n");
+        expect(data).toBe("SSH_HOST_ED25519_KEY:-----BEGIN OPENSSH PRIVATE KEY-----|AAA|BBB|-----END OPENSSH PRIVATE KEY-----\nSSH_HOST_ED25519_KEY_PUB:ssh-ed25519 AAAAkey\n");
+        // What the NixOS service does: sed 's/|/\n/g; s/SSH_HOST_ED25519_KEY://; t; d'
+        const restored = data
+            .split("\n")
+            .filter((l) => l.startsWith("SSH_HOST_ED25519_KEY:"))
+            .map((l) => l.replace(/\|/g, "\n").replace("SSH_HOST_ED25519_KEY:", ""))
+            .join("\n");
+        expect(`${restored}\n`).toBe(key);
+        expect(amiNamePattern("26.05")).toBe("nixos/26.05*");
+    });
+
+    it("gives prod an Elastic IP and termination protection, and staging neither", () => {
+        expect(resource(prod, INSTANCE, "prod-instance").inputs.disableApiTermination).toBe(true);
+        const eip = resource(prod, "aws:ec2/eip:Eip", "prod-eip");
+        expect(eip.inputs).toEqual({ domain: "vpc", instance: expect.any(String), tags: { Project: "nixos-ec2", Stack: "prod" } });
+        expect(eip.dependencies).toContain(resource(prod, INSTANCE, "prod-instance").urn);
+        expect(staging.resources.filter((r) => r.type === "aws:ec2/eip:Eip")).toEqual([]);
+        const hosts = prod.outputs.hosts as Record<string, { publicIp: string }>;
+        expect(hosts.prod.publicIp).toBe("(known after deploy: Elastic IP of prod-eip)");
+    });
+
+    it("exports the instance, its addresses, its URL, its host key and an SSH command that pins it", () => {
+        const hosts = staging.outputs.hosts as Record<string, Record<string, unknown>>;
+        const ip = "(known after deploy: public IP of staging-instance)";
+        expect(hosts.staging).toEqual({
+            flakeAttr: "staging",
+            instanceType: "t3.small",
+            instanceId: "(known after deploy: id of staging-instance)",
+            publicIp: ip,
+            publicDns: "(known after deploy: public DNS of staging-instance)",
+            url: `http://${ip}/`,
+            hostPublicKey: expect.stringMatching(/^ssh-ed25519 /),
+            sshCommand:
+                `ssh -i <(pulumi stack output -s staging --show-secrets adminPrivateKey) -o IdentitiesOnly=yes ` +
+                `-o StrictHostKeyChecking=yes -o UserKnownHostsFile=<(echo '${ip} ${hosts.staging.hostPublicKey}') root@${ip}`,
+            systemPath: "(known after deploy)",
+            generation: "(known after deploy)",
+        });
+    });
+
+    it("tags every taggable AWS resource with Project and Stack", () => {
+        const taggable = prod.resources.filter((r) => r.custom && r.type.startsWith("aws:") && "tags" in r.inputs);
+        expect(taggable.map((r) => r.type).sort()).toEqual([
+            "aws:ec2/eip:Eip",
+            "aws:ec2/instance:Instance",
+            "aws:ec2/keyPair:KeyPair",
+            "aws:ec2/securityGroup:SecurityGroup",
+            "aws:kms/key:Key",
+            "aws:s3/bucket:Bucket",
+        ]);
+        for (const r of taggable) expect(r.inputs.tags).toMatchObject({ Project: "nixos-ec2", Stack: "prod" });
+        expect(childrenOf(prod, "nixos-ec2:index:NixosHost", "prod").map((r) => r.type)).toEqual([INSTANCE, "aws:ec2/eip:Eip"]);
+    });
+});

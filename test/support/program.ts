@@ -1,0 +1,40 @@
+import { OfflineRun, RecordedResource, runOffline } from "../../lib/offline";
+import { loadStackConfig, StackConfig } from "../../lib/stacks";
+
+/**
+ * Runs index.ts under the mock runtime with a real stack's configuration plus overrides
+ * (bare keys are in the project namespace), in a fresh module registry so runs do not mix.
+ */
+export async function runProgram(stack: string, overrides: Record<string, string> = {}): Promise<OfflineRun> {
+    return runConfig(stack, loadStackConfig(stack, overrides));
+}
+
+/** Runs index.ts with exactly this configuration. */
+export async function runConfig(stack: string, config: StackConfig): Promise<OfflineRun> {
+    let run: OfflineRun | undefined;
+    let failure: unknown;
+    await jest.isolateModulesAsync(async () => {
+        try {
+            run = await runOffline({ stack, config });
+        } catch (e) {
+            failure = e;
+        }
+    });
+    if (failure !== undefined) throw failure;
+    return run as OfflineRun;
+}
+
+/** The one resource of `type` named `name`; fails the test when there is not exactly one. */
+export function resource(run: OfflineRun, type: string, name: string): RecordedResource {
+    const found = run.resources.filter((r) => r.type === type && r.name === name);
+    if (found.length !== 1) {
+        throw new Error(`expected one ${type} named ${name}, found ${found.length}; resources: ${run.resources.map((r) => r.name).join(", ")}`);
+    }
+    return found[0];
+}
+
+/** The resources whose parent is the component of `type` named `name`. */
+export function childrenOf(run: OfflineRun, type: string, name: string): RecordedResource[] {
+    const parent = resource(run, type, name);
+    return run.resources.filter((r) => r.parent === parent.urn);
+}
