@@ -53,6 +53,22 @@ export function amiNamePattern(release: string): string {
     return `nixos/${release}*`;
 }
 
+/**
+ * A shell command that logs in to a host as the admin, trusting only its pinned host key.
+ * OpenSSH closes inherited descriptors at start-up, so `-i <(...)` cannot pass the key: it goes to
+ * a 0600 temporary file that the subshell's trap removes, and `KnownHostsCommand` (OpenSSH 8.5+)
+ * supplies the one known host key (`%H` is the address, `[address]:port` off port 22).
+ */
+export function sshCommand(stack: string, address: string, hostPublicKey: string, port = 22): string {
+    const portOption = port === 22 ? "" : `-p ${port} `;
+    return (
+        `(umask 077; key=$(mktemp) && trap 'rm -f "$key"' EXIT && ` +
+        `pulumi stack output -s ${stack} --show-secrets adminPrivateKey > "$key" && ` +
+        `ssh ${portOption}-i "$key" -o IdentitiesOnly=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile=/dev/null ` +
+        `-o 'KnownHostsCommand=/usr/bin/env echo %H ${hostPublicKey.trim()}' ${ADMIN_USER}@${address})`
+    );
+}
+
 /** One EC2 instance booted from the official NixOS image. */
 export class NixosHost extends pulumi.ComponentResource {
     public readonly instanceId: pulumi.Output<string>;
@@ -118,7 +134,7 @@ export class NixosHost extends pulumi.ComponentResource {
         this.publicDns = publicDns;
         this.url = pulumi.interpolate`http://${publicIp}/`;
         this.hostPublicKey = pulumi.output(args.hostPublicKey);
-        this.sshCommand = pulumi.interpolate`ssh -i <(pulumi stack output -s ${args.stack} --show-secrets adminPrivateKey) -o IdentitiesOnly=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile=<(echo '${publicIp} ${this.hostPublicKey}') ${ADMIN_USER}@${publicIp}`;
+        this.sshCommand = pulumi.all([publicIp, this.hostPublicKey]).apply(([ip, key]) => sshCommand(args.stack, ip, key));
         this.registerOutputs({
             instanceId: this.instanceId,
             amiId: this.amiId,

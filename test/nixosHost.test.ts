@@ -109,8 +109,9 @@ describe("NixosHost", () => {
             url: `http://${ip}/`,
             hostPublicKey: expect.stringMatching(/^ssh-ed25519 /),
             sshCommand:
-                `ssh -i <(pulumi stack output -s staging --show-secrets adminPrivateKey) -o IdentitiesOnly=yes ` +
-                `-o StrictHostKeyChecking=yes -o UserKnownHostsFile=<(echo '${ip} ${hosts.staging.hostPublicKey}') root@${ip}`,
+                `(umask 077; key=$(mktemp) && trap 'rm -f "$key"' EXIT && pulumi stack output -s staging --show-secrets adminPrivateKey > "$key" && ` +
+                `ssh -i "$key" -o IdentitiesOnly=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile=/dev/null ` +
+                `-o 'KnownHostsCommand=/usr/bin/env echo %H ${hosts.staging.hostPublicKey}' root@${ip})`,
             systemPath: "(known after deploy)",
             generation: "(known after deploy)",
         });
