@@ -1,0 +1,13 @@
+# Everything a deployed server runs, one concern a file. The VM test in ../tests
+# boots all of them but ec2.nix, which only works on EC2.
+{
+  imports = [
+    ./ec2.nix
+    ./nix.nix
+    ./logging.nix
+    ./ssh.nix
+    ./firewall.nix
+    ./web.nix
+    ./upgrades.nix
+  ];
+}
