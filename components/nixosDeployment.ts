@@ -1,3 +1,4 @@
+import * as path from "node:path";
 import * as pulumi from "@pulumi/pulumi";
 import { Command } from "@pulumi/command/local/command";
 import { DeploySettings } from "../lib/config";
@@ -49,6 +50,21 @@ export function parseDeployResult(stdout: string): DeployResult {
     return { systemPath, generation };
 }
 
+/**
+ * A program run hashes each flake directory once, not once a host: the hash reads every file of
+ * the flake, and a fleet deploys one flake to every host.
+ */
+const flakeHashes = new Map<string, string>();
+function flakeHashOnce(dir: string): string {
+    const key = path.resolve(dir);
+    let hash = flakeHashes.get(key);
+    if (hash === undefined) {
+        hash = flakeHash(dir);
+        flakeHashes.set(key, hash);
+    }
+    return hash;
+}
+
 /** Switches one host to its flake configuration whenever the flake, the host or its key changes. */
 export class NixosDeployment extends pulumi.ComponentResource {
     /** SHA-256 of the flake directory the host was switched to. */
@@ -59,7 +75,7 @@ export class NixosDeployment extends pulumi.ComponentResource {
     constructor(name: string, args: NixosDeploymentArgs, opts?: pulumi.ComponentResourceOptions) {
         super("nixos-ec2:index:NixosDeployment", name, args, opts);
 
-        this.flakeHash = flakeHash(args.flakeDir ?? FLAKE_DIR);
+        this.flakeHash = flakeHashOnce(args.flakeDir ?? FLAKE_DIR);
         const run = `bash ${DEPLOY_SCRIPT}`;
         const command = new Command(
             `${name}-switch`,

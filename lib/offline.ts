@@ -60,6 +60,12 @@ export interface OfflineRun {
     readonly unmockedInvokes: string[];
     /** Stack outputs, resolved; secrets are SecretValue, unknowns are UNKNOWN. */
     readonly outputs: Record<string, unknown>;
+    /**
+     * Values the mocks made up for what a provider generates at deploy (a key's public half, a
+     * random suffix, an auto-generated name), each to what it stands for: "public key of ssh-admin".
+     * The program needs well-formed values to run; a preview shows what they stand for instead.
+     */
+    readonly standIns: Record<string, string>;
 }
 
 export interface OfflineOptions {
@@ -101,16 +107,38 @@ function amiDescription(args: Record<string, unknown>): string {
     return `(looked up at deploy: newest AMI of owner ${owners} named ${filter("name")} for ${filter("architecture")})`;
 }
 
-/** Outputs of each resource type, as the provider would return them after create. */
-function mockState(type: string, name: string, inputs: Record<string, unknown>, unknown: string): Record<string, unknown> {
+/**
+ * Outputs of each resource type, as the provider would return them after create. Made-up values
+ * that stand for generated ones are recorded in `standIns`.
+ */
+function mockState(
+    type: string,
+    name: string,
+    inputs: Record<string, unknown>,
+    unknown: string,
+    standIns: Record<string, string>,
+): Record<string, unknown> {
     const after = (what: string) => `(known after deploy: ${what})`;
+    const standIn = (value: string, what: string) => {
+        standIns[value] = what;
+        return value;
+    };
     switch (type) {
-        case "tls:index/privateKey:PrivateKey":
-            return { ...inputs, publicKeyOpenssh: fakePublicKey(name), privateKeyOpenssh: fakePrivateKey(name) };
-        case "random:index/randomString:RandomString":
-            return { ...inputs, result: digest(`suffix:${name}`, Number(inputs.length ?? 8)).replace(/[^a-z0-9]/g, "a") };
+        case "tls:index/privateKey:PrivateKey": {
+            const publicKey = fakePublicKey(name);
+            standIn(publicKey.trim(), `public key of ${name}`);
+            return { ...inputs, publicKeyOpenssh: publicKey, privateKeyOpenssh: fakePrivateKey(name) };
+        }
+        case "random:index/randomString:RandomString": {
+            const result = digest(`suffix:${name}`, Number(inputs.length ?? 8)).replace(/[^a-z0-9]/g, "a");
+            return { ...inputs, result: standIn(result, `random string of ${name}`) };
+        }
         case "aws:ec2/keyPair:KeyPair":
-            return { ...inputs, keyName: inputs.keyName ?? `${name}-${digest(name, 7)}`, arn: after("key pair ARN") };
+            return {
+                ...inputs,
+                keyName: inputs.keyName ?? standIn(`${name}-${digest(name, 7)}`, `name of ${name}`),
+                arn: after("key pair ARN"),
+            };
         case "aws:ec2/securityGroup:SecurityGroup":
             return { ...inputs, arn: after("security group ARN") };
         case "aws:ec2/instance:Instance":
@@ -179,12 +207,13 @@ export async function runOffline(options: OfflineOptions): Promise<OfflineRun> {
     const resources: RecordedResource[] = [];
     const invokes: RecordedInvoke[] = [];
     const unmockedInvokes: string[] = [];
+    const standIns: Record<string, string> = {};
 
     await pulumi.runtime.setMocks(
         {
             newResource: (args) => ({
                 id: mockId(args.type, args.name, args.inputs),
-                state: mockState(args.type, args.name, args.inputs, rpc.unknownValue),
+                state: mockState(args.type, args.name, args.inputs, rpc.unknownValue, standIns),
             }),
             call: (args) => {
                 invokes.push({ token: args.token, args: args.inputs });
@@ -235,5 +264,5 @@ export async function runOffline(options: OfflineOptions): Promise<OfflineRun> {
     const outputs = (await resolveOutputs(pulumi, exported)) as Record<string, unknown>;
     await (pulumi.runtime as unknown as { waitForRPCs(): Promise<void> }).waitForRPCs();
 
-    return { stack: options.stack, resources, invokes, unmockedInvokes, outputs };
+    return { stack: options.stack, resources, invokes, unmockedInvokes, outputs, standIns };
 }

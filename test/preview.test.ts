@@ -1,0 +1,352 @@
+/**
+ * The offline preview, run as a person runs it: a child `node` process with the arguments of
+ * package.json's `preview` script (npm left out for its noise).
+ *
+ * Golden files: test/golden/preview-<stack>.txt hold the whole text output, with the flake hash
+ * replaced by FLAKE_HASH_TOKEN (the flake in nix/ changes on its own schedule; the tests check the
+ * printed hash against flakeHash(nix/) separately). After an intended change of the program or of
+ * the preview's format, regenerate them and review the diff:
+ *
+ *   UPDATE_GOLDEN=1 npx jest test/preview.test.ts
+ */
+import { spawnSync } from "node:child_process";
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import * as path from "node:path";
+import { ConfigError } from "../lib/config";
+import { flakeHash } from "../lib/flakeHash";
+import { SecretValue } from "../lib/offline";
+import { loadSettings, PROJECT_DIR } from "../lib/stacks";
+import type { PreviewReport, ResourceNode } from "../tools/previewReport";
+import { previewNodeArgs } from "../tools/previewCommand";
+import { runProgram } from "./support/program";
+
+const GOLDEN_DIR = path.join(__dirname, "golden");
+const FLAKE_HASH_TOKEN = "{{flakeHash(nix/)}}";
+const NIX_DIR = path.join(PROJECT_DIR, "nix");
+
+interface Result {
+    status: number | null;
+    stdout: string;
+    stderr: string;
+}
+
+function preview(...args: string[]): Result {
+    const env = { ...process.env };
+    delete env.NIXOS_EC2_PROBE;
+    delete env.NODE_OPTIONS;
+    const r = spawnSync(process.execPath, [...previewNodeArgs(), ...args], { cwd: PROJECT_DIR, env, encoding: "utf8", maxBuffer: 64 << 20 });
+    return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+function ok(...args: string[]): string {
+    const r = preview(...args);
+    if (r.status !== 0 || r.stderr !== "") throw new Error(`preview ${args.join(" ")} exited ${r.status}: ${r.stderr}`);
+    return r.stdout;
+}
+
+function json(...args: string[]): PreviewReport {
+    return JSON.parse(ok(...args, "--json")) as PreviewReport;
+}
+
+function allNodes(nodes: ResourceNode[]): ResourceNode[] {
+    return nodes.flatMap((n) => [n, ...allNodes(n.children)]);
+}
+
+function node(report: PreviewReport, type: string, name: string): ResourceNode {
+    const found = allNodes(report.resources).filter((n) => n.type === type && n.name === name);
+    if (found.length !== 1) throw new Error(`expected one ${type} ${name}, found ${found.length}`);
+    return found[0];
+}
+
+function occurrences(text: string, needle: string): number {
+    return text.split(needle).length - 1;
+}
+
+describe.each(["staging", "prod"])("npm run preview -- %s", (stack) => {
+    let text: string;
+    let report: PreviewReport;
+    beforeAll(() => {
+        text = ok(stack);
+        report = json(stack);
+    });
+
+    it("prints the flake hash of nix/ as the deploy's first trigger", () => {
+        const hash = flakeHash(NIX_DIR);
+        expect(node(report, "command:local:Command", `${stack}-switch`).inputs.triggers).toEqual([
+            hash,
+            stack,
+            `<known after deploy: id of ${stack}-instance>`,
+            `<generated at deploy: public key of ssh-host-${stack}>`,
+        ]);
+        expect(occurrences(text, hash)).toBe(1);
+    });
+
+    it("matches its golden file, the flake hash aside", () => {
+        const normalized = text.split(flakeHash(NIX_DIR)).join(FLAKE_HASH_TOKEN);
+        const golden = path.join(GOLDEN_DIR, `preview-${stack}.txt`);
+        if (process.env.UPDATE_GOLDEN === "1") writeFileSync(golden, normalized);
+        expect(existsSync(golden)).toBe(true);
+        expect(normalized).toBe(readFileSync(golden, "utf8"));
+    });
+
+    it("starts with the offline banner and ends with the count by type", () => {
+        const lines = text.trimEnd().split("\n");
+        expect(lines[0]).toBe(
+            `Offline preview of stack "${stack}": the program ran under Pulumi's mock runtime with this stack's configuration; ` +
+                "nothing was created and no cloud was contacted.",
+        );
+        const countsAt = lines.indexOf(`Resources by type (${report.resourceTotal}, of which 5 components):`);
+        expect(countsAt).toBeGreaterThan(0);
+        expect(lines.slice(countsAt + 1)).toEqual(Object.entries(report.resourceCounts).map(([type, n]) => `  ${n}  ${type}`));
+    });
+
+    it("--json holds the same resources as the text, as a tree of components and children", () => {
+        const nodes = allNodes(report.resources);
+        expect(nodes).toHaveLength(report.resourceTotal);
+        for (const n of nodes) expect(text).toContain(`${n.type} ${n.name}`);
+        expect(report.resources.map((n) => n.type)).toEqual([
+            "nixos-ec2:index:Firewall",
+            "nixos-ec2:index:NixosDeployment",
+            "nixos-ec2:index:NixosHost",
+            "nixos-ec2:index:SshKeys",
+            "nixos-ec2:index:StateStore",
+        ]);
+        expect(node(report, "nixos-ec2:index:Firewall", "hosts").children.map((c) => c.name)).toEqual(["hosts-sg"]);
+        expect(report.stack).toBe(stack);
+        expect(report.preview).toBe("offline");
+    });
+
+    it("shows what a reviewer checks: SSH CIDRs, instance type, volume, IMDS, bucket protections", () => {
+        const sg = node(report, "aws:ec2/securityGroup:SecurityGroup", "hosts-sg").inputs as { ingress: Array<Record<string, unknown>> };
+        expect(sg.ingress[0]).toMatchObject({ fromPort: 22, toPort: 22, cidrBlocks: ["203.0.113.0/24"] });
+        const instance = node(report, "aws:ec2/instance:Instance", `${stack}-instance`);
+        expect(instance.inputs).toMatchObject({
+            instanceType: "t3.small",
+            rootBlockDevice: { volumeSize: 20, volumeType: "gp3", encrypted: true },
+            metadataOptions: { httpTokens: "required", httpPutResponseHopLimit: 1 },
+            ami: "<looked up at deploy: newest AMI of owner 427812963091 named nixos/26.05* for x86_64>",
+        });
+        expect(instance.ignoreChanges).toEqual(["ami"]);
+        expect(node(report, "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock", "state-public-access")).toMatchObject({
+            protect: true,
+            retainOnDelete: true,
+            inputs: { blockPublicAcls: true, blockPublicPolicy: true, ignorePublicAcls: true, restrictPublicBuckets: true },
+        });
+        expect(text).toContain(`aws:s3/bucket:Bucket state-bucket  [protect, retainOnDelete]`);
+        expect(report.dataSources).toEqual([
+            {
+                token: "aws:ec2/getAmi:getAmi",
+                calls: 1,
+                args: {
+                    filters: [
+                        { name: "name", values: ["nixos/26.05*"] },
+                        { name: "architecture", values: ["x86_64"] },
+                    ],
+                    mostRecent: true,
+                    owners: ["427812963091"],
+                },
+            },
+        ]);
+    });
+
+    it("prints values only a deploy knows as what they will be, not as made-up values", () => {
+        const hosts = report.outputs.hosts as Record<string, Record<string, unknown>>;
+        const ip = stack === "prod" ? `<known after deploy: Elastic IP of prod-eip>` : `<known after deploy: public IP of staging-instance>`;
+        expect(hosts[stack]).toMatchObject({
+            publicIp: ip,
+            url: `http://${ip}/`,
+            hostPublicKey: `<generated at deploy: public key of ssh-host-${stack}>`,
+            systemPath: "<known after deploy>",
+            generation: "<known after deploy>",
+        });
+        expect(report.outputs.backendUrl).toBe(`s3://nixos-ec2-state-${stack}-<generated at deploy: random string of state-suffix>?region=eu-central-1`);
+        expect(text).not.toMatch(/ssh-ed25519 AAAA/);
+    });
+});
+
+describe("secrets", () => {
+    /** Every string under a SecretValue, however deep. */
+    function secretStrings(value: unknown, inSecret = false): string[] {
+        if (value instanceof SecretValue) return secretStrings(value.value, true);
+        if (typeof value === "string") return inSecret ? [value] : [];
+        if (Array.isArray(value)) return value.flatMap((v) => secretStrings(v, inSecret));
+        if (value !== null && typeof value === "object") return Object.values(value).flatMap((v) => secretStrings(v, inSecret));
+        return [];
+    }
+
+    it("never print, in text or JSON, for any stack or fleet", async () => {
+        const hosts = '{"web":{},"db":{}}';
+        const run = await runProgram("prod", { hosts });
+        // The private keys and the user-data that carries them: their base64 lines are what must not leak.
+        const material = [...run.resources.map((r) => r.inputs), run.outputs]
+            .flatMap((v) => secretStrings(v))
+            .filter((s) => s.includes("PRIVATE KEY"))
+            .flatMap((s) => s.split(/[\n|]/))
+            .filter((line) => /^[A-Za-z0-9+/=]{40,}$/.test(line));
+        expect(material.length).toBeGreaterThanOrEqual(3 * 2);
+
+        for (const args of [["prod", "--config", `hosts=${hosts}`], ["staging"]]) {
+            for (const out of [ok(...args), ok(...args, "--json")]) {
+                expect(out).not.toContain("PRIVATE KEY");
+                expect(out).not.toContain("SSH_HOST_ED25519_KEY");
+                for (const line of material) expect(out).not.toContain(line);
+            }
+        }
+    });
+
+    it("print as [secret] where they are", () => {
+        const report = json("prod");
+        expect(node(report, "aws:ec2/instance:Instance", "prod-instance").inputs.userData).toBe("[secret]");
+        expect(node(report, "command:local:Command", "prod-switch").inputs.environment).toBe("[secret]");
+        expect(node(report, "nixos-ec2:index:NixosHost", "prod").inputs.hostPrivateKey).toBe("[secret]");
+        expect(report.outputs.adminPrivateKey).toBe("[secret]");
+        const text = ok("prod");
+        expect(text).toContain("      userData: [secret]\n");
+        expect(text).toContain("  adminPrivateKey: [secret]\n");
+    });
+});
+
+describe("--config overrides", () => {
+    it("apply after the stack file, to project keys, host maps and aws:region", () => {
+        const report = json(
+            "prod",
+            "--config",
+            "instanceType=t3.large",
+            "--config",
+            'hosts={"web":{},"db":{"instanceType":"t4g.medium","rootVolumeGiB":50}}',
+            "--config=aws:region=us-east-1",
+            "-c",
+            "elasticIp=false",
+        );
+        expect(report.overrides).toEqual(["aws:region", "nixos-ec2:elasticIp", "nixos-ec2:hosts", "nixos-ec2:instanceType"]);
+        expect(node(report, "aws:ec2/instance:Instance", "web-instance").inputs).toMatchObject({ instanceType: "t3.large", rootBlockDevice: { volumeSize: 20 } });
+        expect(node(report, "aws:ec2/instance:Instance", "db-instance").inputs).toMatchObject({
+            instanceType: "t4g.medium",
+            rootBlockDevice: { volumeSize: 50 },
+            ami: "<looked up at deploy: newest AMI of owner 427812963091 named nixos/26.05* for arm64>",
+        });
+        // Pulumi.prod.yaml turns elasticIp on; the override turns it off.
+        expect(report.resourceCounts["aws:ec2/eip:Eip"]).toBeUndefined();
+        expect(report.outputs.backendUrl).toMatch(/\?region=us-east-1$/);
+        expect(Object.keys(report.outputs.hosts as object)).toEqual(["web", "db"]);
+        expect(report.dataSources.map((d) => [d.token, d.calls])).toEqual([
+            ["aws:ec2/getAmi:getAmi", 1],
+            ["aws:ec2/getAmi:getAmi", 1],
+        ]);
+    });
+
+    it("are listed, by key, under the banner", () => {
+        const text = ok("staging", "--config", "rootVolumeGiB=30");
+        expect(text.split("\n")[1]).toBe("Overrides given with --config: nixos-ec2:rootVolumeGiB");
+        expect(text).toContain("volumeSize: 30");
+    });
+});
+
+describe("failures", () => {
+    it("a bad configuration exits 1 and prints only the configuration errors, on stderr", () => {
+        const overrides = { sshAllowedCidrs: '["0.0.0.0/0"]', rootVolumeGiB: "4" };
+        let expected: ConfigError | undefined;
+        try {
+            loadSettings("prod", overrides);
+        } catch (e) {
+            expected = e as ConfigError;
+        }
+        expect(expected).toBeInstanceOf(ConfigError);
+        const r = preview("prod", ...Object.entries(overrides).flatMap(([k, v]) => ["--config", `${k}=${v}`]));
+        expect(r.status).toBe(1);
+        expect(r.stdout).toBe("");
+        expect(r.stderr).toBe(`${expected?.message}\n`);
+        expect(r.stderr).toMatch(/^nixos-ec2: stack "prod" has 2 configuration errors; nothing was created:\n/);
+    });
+
+    it("an unknown stack exits 2 and names the stacks there are", () => {
+        const r = preview("qa");
+        expect(r.status).toBe(2);
+        expect(r.stdout).toBe("");
+        expect(r.stderr).toBe('preview: unknown stack "qa": there is no Pulumi.qa.yaml; the stacks are prod, staging\n');
+    });
+
+    it.each([
+        [["--yaml"], 'unknown option "--yaml"'],
+        [["staging", "prod"], 'one stack at a time: got "staging" and "prod"'],
+        [["--config"], "--config needs KEY=VALUE"],
+        [["--config", "instanceType"], '--config "instanceType": expected KEY=VALUE'],
+        [["--config", "bad key=1"], '--config "bad key=1": expected KEY=VALUE'],
+    ])("bad arguments %j exit 2 with the usage", (args, message) => {
+        const r = preview(...args);
+        expect(r.status).toBe(2);
+        expect(r.stdout).toBe("");
+        expect(r.stderr).toContain(`preview: ${message}`);
+        expect(r.stderr).toContain("usage: npm run preview -- [STACK] [--config KEY=VALUE]... [--json]");
+    });
+
+    it("a program that fails some other way exits 3 with its error, and says how to get its stack trace", () => {
+        const dir = mkdtempSync(path.join(tmpdir(), "preview-failure-"));
+        try {
+            // Preloaded after the TS loader: components/firewall.ts throws as it loads.
+            const inject = path.join(dir, "throw.js");
+            writeFileSync(
+                inject,
+                `const Module = require("node:module");
+                 const load = Module._extensions[".ts"];
+                 Module._extensions[".ts"] = (m, file) =>
+                     file.endsWith("${path.sep}components${path.sep}firewall.ts") ? m._compile("throw new Error('firewall exploded')", file) : load(m, file);\n`,
+            );
+            const args = previewNodeArgs();
+            const r = spawnSync(process.execPath, [...args.slice(0, -1), "--require", inject, ...args.slice(-1)], { cwd: PROJECT_DIR, encoding: "utf8" });
+            expect(r.status).toBe(3);
+            expect(r.stdout).toBe("");
+            expect(r.stderr).toBe(
+                "preview: the program failed: Error: firewall exploded\n(for the stack trace: NODE_OPTIONS=--stack-trace-limit=50 npm run preview -- ...)\n",
+            );
+        } finally {
+            rmSync(dir, { recursive: true, force: true });
+        }
+    });
+
+    it("--help prints the usage and exits 0", () => {
+        const r = preview("--help");
+        expect(r.status).toBe(0);
+        expect(r.stdout).toMatch(/^usage: npm run preview -- /);
+    });
+});
+
+describe("determinism", () => {
+    it("two runs print the same bytes, as text and as JSON", () => {
+        const args = ["staging", "--config", 'hosts={"b":{},"a":{"instanceType":"c7g.large"}}'];
+        expect(ok(...args)).toBe(ok(...args));
+        expect(ok(...args, "--json")).toBe(ok(...args, "--json"));
+    });
+
+    it("staging is the default stack", () => {
+        expect(ok()).toBe(ok("staging"));
+    });
+});
+
+describe("what the preview loads", () => {
+    it("is the SDK files the program needs, not @pulumi/aws whole; the benchmark's floor loads exactly those", () => {
+        const dir = mkdtempSync(path.join(tmpdir(), "preview-probe-"));
+        try {
+            const probe = (args: string[], file: string): string[] => {
+                const r = spawnSync(process.execPath, ["--require", "./tools/benchProbe.js", ...args], {
+                    cwd: PROJECT_DIR,
+                    env: { ...process.env, NIXOS_EC2_PROBE: path.join(dir, file) },
+                    encoding: "utf8",
+                });
+                expect(r.status).toBe(0);
+                return (JSON.parse(readFileSync(path.join(dir, file), "utf8")) as { sdkModules: string[] }).sdkModules;
+            };
+            const loaded = probe([...previewNodeArgs(), "staging"], "preview.json");
+            const rel = loaded.map((f) => path.relative(path.join(PROJECT_DIR, "node_modules"), f));
+            expect(rel).toContain(path.join("@pulumi", "pulumi", "index.js"));
+            expect(rel).toContain(path.join("@pulumi", "aws", "ec2", "instance.js"));
+            expect(rel).not.toContain(path.join("@pulumi", "aws", "index.js"));
+            expect(rel).not.toContain(path.join("@pulumi", "aws", "ec2", "index.js"));
+
+            expect(probe(["tools/benchFloor.js", path.join(dir, "preview.json")], "floor.json")).toEqual(loaded);
+        } finally {
+            rmSync(dir, { recursive: true, force: true });
+        }
+    });
+});
