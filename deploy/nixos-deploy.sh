@@ -1,0 +1,467 @@
+#!/usr/bin/env bash
+# Deploys the flake in NIXOS_EC2_FLAKE_DIR to one NixOS host over SSH and switches the host to
+# nixosConfigurations.<NIXOS_EC2_FLAKE_ATTR>. The NixosDeployment component runs it through
+# @pulumi/command; every input arrives in the environment (see validate_inputs).
+#
+# Exactly two SSH connections per deploy:
+#   1. a ControlMaster, opened by the wait-for-SSH loop, that carries one session: the flake and
+#      deploy/remote-switch.sh as a tar stream, then the switch (a transient systemd unit on the
+#      host, so a dropped connection cannot stop it half way);
+#   2. a fresh connection that confirms the new system still lets the admin in. Until it does,
+#      a timer on the host rolls back to the generation recorded before the switch.
+#
+# Progress and errors go to stderr. The only stdout line is the final JSON result.
+set -euo pipefail
+
+case ${BASH_SOURCE[0]} in
+*/*) readonly SCRIPT_DIR=${BASH_SOURCE[0]%/*} ;;
+*) readonly SCRIPT_DIR=. ;;
+esac
+readonly DEFAULT_STATE_DIR=/var/lib/nixos-ec2
+# Per-attempt cap while waiting for SSH, so a dropped SYN does not eat the whole deadline.
+readonly MAX_ATTEMPT_SECONDS=10
+readonly MAX_RETRY_DELAY_SECONDS=5
+readonly PROGRESS_EVERY_SECONDS=10
+readonly KEEPALIVE_SECONDS=15
+# The master closes itself this long after its last session, should this script be killed.
+readonly MASTER_IDLE_SECONDS=10
+# The known_hosts entry names this alias, so one pinned line matches any address and port.
+readonly HOST_KEY_ALIAS=nixos-ec2-target
+# Exit statuses of deploy/remote-switch.sh (keep in sync with that file).
+readonly REMOTE_BUILD_FAILED=20 REMOTE_ROLLED_BACK=21 REMOTE_ROLLBACK_FAILED=22
+readonly REMOTE_BUSY=23 REMOTE_BAD_STATE=24 REMOTE_ALREADY_ROLLED_BACK=25
+readonly SSH_FAILED=255
+
+WORK=""
+PRIVATE_KEY=""
+CONTROL_PATH=""
+TARGET=""
+WHERE=""
+SSH_OPTS=()
+# Where a rollback goes, for messages; names the number once the host reported it.
+ROLLBACK_TARGET="the generation recorded before the switch"
+PREVIOUS_GENERATION="<N>"
+
+log() {
+    printf 'nixos-deploy: %s\n' "$*" >&2
+}
+
+# fail WHAT [NEXT...]: say what failed (and on which host, when known) and what to do next.
+fail() {
+    local what=$1 next
+    shift
+    printf 'nixos-deploy: error: %s\n' "$what" >&2
+    for next in "$@"; do
+        printf 'nixos-deploy:   next: %s\n' "$next" >&2
+    done
+    exit 1
+}
+
+# wait_for COMMAND...: runs COMMAND as a job and waits for it. Bash runs a trap only between
+# foreground commands, but interrupts `wait` at once: so INT/TERM/HUP clean up without delay.
+wait_for() {
+    "$@" &
+    wait "$!"
+}
+
+is_uint() {
+    [[ $1 =~ ^[0-9]+$ ]]
+}
+
+validate_inputs() {
+    local errors=()
+    HOST=${NIXOS_EC2_HOST:-}
+    PORT=${NIXOS_EC2_PORT:-22}
+    REMOTE_USER=${NIXOS_EC2_USER:-root}
+    HOST_PUBLIC_KEY=${NIXOS_EC2_HOST_PUBLIC_KEY:-}
+    FLAKE_DIR=${NIXOS_EC2_FLAKE_DIR:-}
+    FLAKE_ATTR=${NIXOS_EC2_FLAKE_ATTR:-}
+    CONNECT_TIMEOUT=${NIXOS_EC2_CONNECT_TIMEOUT_SECONDS:-600}
+    ROLLBACK_TIMEOUT=${NIXOS_EC2_ROLLBACK_TIMEOUT_SECONDS:-120}
+    ALLOW_FAILED_UNITS=${NIXOS_EC2_ALLOW_FAILED_UNITS:-false}
+
+    # A leading "-" would turn the address into an ssh option.
+    if [[ ! $HOST =~ ^[A-Za-z0-9_.:%][A-Za-z0-9_.:%-]*$ ]]; then
+        errors+=("NIXOS_EC2_HOST must be a host name or IP address (got '${HOST}')")
+    fi
+    if ! is_uint "$PORT" || ((10#$PORT < 1 || 10#$PORT > 65535)); then
+        errors+=("NIXOS_EC2_PORT must be a TCP port 1-65535 (got '${PORT}')")
+    fi
+    if [[ ! $REMOTE_USER =~ ^[a-z_][a-z0-9_-]*$ ]]; then
+        errors+=("NIXOS_EC2_USER must be a user name like 'root' (got '${REMOTE_USER}')")
+    fi
+    if [[ $PRIVATE_KEY != *"-----BEGIN "*"PRIVATE KEY-----"* ]]; then
+        errors+=("NIXOS_EC2_SSH_PRIVATE_KEY must hold an OpenSSH private key (it is empty or not a key; its value is not shown)")
+    fi
+    # An ED25519 public key blob is always 51 bytes: this exact shape, nothing else.
+    if [[ ! $HOST_PUBLIC_KEY =~ ^ssh-ed25519\ AAAAC3NzaC1lZDI1NTE5AAAAI[A-Za-z0-9+/]{43}(\ .*)?$ ]]; then
+        errors+=("NIXOS_EC2_HOST_PUBLIC_KEY must be the host's 'ssh-ed25519 AAAA...' public key (got '${HOST_PUBLIC_KEY:0:40}')")
+    fi
+    if [[ -z $FLAKE_DIR || ! -f $FLAKE_DIR/flake.nix ]]; then
+        errors+=("NIXOS_EC2_FLAKE_DIR must be a directory with a flake.nix (got '${FLAKE_DIR}')")
+    fi
+    if [[ ! $FLAKE_ATTR =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*$ ]]; then
+        errors+=("NIXOS_EC2_FLAKE_ATTR must name a nixosConfigurations entry: letters, digits, '_', '.', '-' (got '${FLAKE_ATTR}')")
+    fi
+    if ! is_uint "$CONNECT_TIMEOUT" || ((10#$CONNECT_TIMEOUT < 1)); then
+        errors+=("NIXOS_EC2_CONNECT_TIMEOUT_SECONDS (deployConnectTimeoutSeconds) must be a whole number of seconds >= 1 (got '${CONNECT_TIMEOUT}')")
+    fi
+    if ! is_uint "$ROLLBACK_TIMEOUT" || ((10#$ROLLBACK_TIMEOUT < 1)); then
+        errors+=("NIXOS_EC2_ROLLBACK_TIMEOUT_SECONDS (rollbackTimeoutSeconds) must be a whole number of seconds >= 1 (got '${ROLLBACK_TIMEOUT}')")
+    fi
+    if [[ $ALLOW_FAILED_UNITS != true && $ALLOW_FAILED_UNITS != false ]]; then
+        errors+=("NIXOS_EC2_ALLOW_FAILED_UNITS (allowFailedUnits) must be 'true' or 'false' (got '${ALLOW_FAILED_UNITS}')")
+    fi
+    if ((${#errors[@]} > 0)); then
+        printf 'nixos-deploy: error: invalid deploy input:\n' >&2
+        printf 'nixos-deploy:   - %s\n' "${errors[@]}" >&2
+        printf 'nixos-deploy:   next: fix the NixosDeployment arguments (or these variables) and run again\n' >&2
+        exit 2
+    fi
+    PORT=$((10#$PORT))
+    CONNECT_TIMEOUT=$((10#$CONNECT_TIMEOUT))
+    ROLLBACK_TIMEOUT=$((10#$ROLLBACK_TIMEOUT))
+    TARGET="$REMOTE_USER@$HOST"
+    WHERE="$HOST port $PORT"
+    # Unique per deploy; names the host-side units and log. $RANDOM keeps this free of subprocesses.
+    printf -v DEPLOY_ID '%04x%04x%04x' "$RANDOM" "$RANDOM" "$RANDOM"
+}
+
+# Closing the master first ends any session still running over it (a switch carries on on the
+# host); then the background jobs end and their files can go.
+cleanup() {
+    if [[ -n $CONTROL_PATH && -S $CONTROL_PATH ]]; then
+        ssh -o ControlPath="$CONTROL_PATH" -O exit "$TARGET" >/dev/null 2>&1 || true
+    fi
+    wait 2>/dev/null || true
+    if [[ -n $WORK ]]; then
+        rm -rf "$WORK"
+    fi
+}
+
+make_workdir() {
+    umask 077
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/nixos-deploy.XXXXXX")
+    CONTROL_PATH=$WORK/cm
+}
+
+# The key moves from the environment into an unexported variable before any child process
+# starts, so none inherits it.
+take_private_key() {
+    PRIVATE_KEY=${NIXOS_EC2_SSH_PRIVATE_KEY:-}
+    unset NIXOS_EC2_SSH_PRIVATE_KEY
+}
+
+# Into a 0600 file (umask 077) without passing through argv: printf is a builtin.
+write_credentials() {
+    local key=$PRIVATE_KEY
+    PRIVATE_KEY=""
+    while [[ $key == *$'\n' ]]; do
+        key=${key%$'\n'}
+    done
+    printf '%s\n' "$key" >"$WORK/id"
+    key=""
+    local key_type key_blob
+    read -r key_type key_blob _ <<<"$HOST_PUBLIC_KEY"
+    printf '%s %s %s\n' "$HOST_KEY_ALIAS" "$key_type" "$key_blob" >"$WORK/known_hosts"
+}
+
+set_ssh_options() {
+    # -F /dev/null: the user's ssh config must not change what gets trusted or which key is used.
+    SSH_OPTS=(
+        -F /dev/null
+        -p "$PORT"
+        -o BatchMode=yes
+        -o IdentitiesOnly=yes
+        -o IdentityAgent=none
+        -o IdentityFile="$WORK/id"
+        -o PreferredAuthentications=publickey
+        -o StrictHostKeyChecking=yes
+        -o UserKnownHostsFile="$WORK/known_hosts"
+        -o GlobalKnownHostsFile=/dev/null
+        -o HostKeyAlias="$HOST_KEY_ALIAS"
+        -o HostKeyAlgorithms=ssh-ed25519
+        -o CheckHostIP=no
+        -o UpdateHostKeys=no
+        -o ForwardAgent=no
+        -o ClearAllForwardings=yes
+        -o RequestTTY=no
+        -o ServerAliveInterval="$KEEPALIVE_SECONDS"
+        -o ServerAliveCountMax=4
+        -o LogLevel=ERROR
+    )
+}
+
+# Files the flake does not need on the host: build links and editor droppings.
+copy_payload() {
+    mkdir -p "$WORK/payload/new/bin" "$WORK/payload/new/flake"
+    cp "$SCRIPT_DIR/remote-switch.sh" "$WORK/payload/new/bin/"
+    # COPYFILE_DISABLE keeps macOS tar from adding ._* resource-fork files.
+    COPYFILE_DISABLE=1 tar -C "$FLAKE_DIR" \
+        --exclude=result --exclude='result-*' --exclude='*~' --exclude='.#*' \
+        --exclude='*.swp' --exclude=.DS_Store --exclude=.git --exclude=.direnv \
+        -cf - . | tar -C "$WORK/payload/new/flake" -xf -
+}
+
+last_line() {
+    local line="" last=""
+    while IFS= read -r line || [[ -n $line ]]; do
+        line=${line%$'\r'}
+        if [[ -n $line ]]; then
+            last=$line
+        fi
+    done <"$1"
+    printf '%s' "$last"
+}
+
+# Prints one of: host-key, auth, no-ed25519, retry, other.
+classify_ssh_error() {
+    local text
+    text=$(<"$1")
+    case $text in
+    *"REMOTE HOST IDENTIFICATION HAS CHANGED"* | *"Host key verification failed"* | *"host key mismatch"*) echo host-key ;;
+    *"no matching host key type"*) echo no-ed25519 ;;
+    *"Permission denied"* | *"Too many authentication failures"* | *"Load key"*) echo auth ;;
+    *"Connection refused"* | *"timed out"* | *"No route to host"* | *"Connection reset"* | \
+        *"kex_exchange_identification"* | *"Connection closed"* | *"Network is unreachable"* | \
+        *"banner exchange"* | *"Broken pipe"*) echo retry ;;
+    *) echo other ;;
+    esac
+}
+
+pinned_fingerprint() {
+    ssh-keygen -l -f "$WORK/known_hosts" 2>/dev/null | awk '{print $2}' || true
+}
+
+fail_host_key() {
+    local presented
+    presented=$(grep -o 'SHA256:[A-Za-z0-9+/=]*' "$1" | head -n 1 || true)
+    fail "the SSH host key of $WHERE did not match the pinned key (NIXOS_EC2_HOST_PUBLIC_KEY, $(pinned_fingerprint)); it presented ${presented:-another key}. This is a possible interception (man-in-the-middle) or a host that is not the one Pulumi created. Not retrying." \
+        "compare with the fingerprints in the instance's console output (between -----BEGIN SSH HOST KEY FINGERPRINTS----- and -----END SSH HOST KEY FINGERPRINTS-----)" \
+        "if the instance was replaced or its host key changed outside Pulumi, run 'pulumi refresh' and check the address in NIXOS_EC2_HOST; never disable the check"
+}
+
+fail_auth() {
+    fail "$WHERE refused the SSH key for user '$REMOTE_USER': $(last_line "$1")" \
+        "check that NIXOS_EC2_SSH_PRIVATE_KEY belongs to the instance's key pair and that the NixOS configuration keeps the admin key in users.users.$REMOTE_USER.openssh.authorizedKeys"
+}
+
+# Connection 1: retry until the deadline while the host is booting or the port is closed; a
+# host key or authentication failure is final at once.
+open_master() {
+    local deadline=$((SECONDS + CONNECT_TIMEOUT)) attempt=0 remaining attempt_seconds
+    local delay=1 error_text="" last_error="" last_report=$((SECONDS - PROGRESS_EVERY_SECONDS))
+    local err=$WORK/connect.err
+    log "connecting to $WHERE as $REMOTE_USER (waiting up to ${CONNECT_TIMEOUT}s for SSH)"
+    while :; do
+        attempt=$((attempt + 1))
+        remaining=$((deadline - SECONDS))
+        attempt_seconds=$((remaining < MAX_ATTEMPT_SECONDS ? remaining : MAX_ATTEMPT_SECONDS))
+        attempt_seconds=$((attempt_seconds < 1 ? 1 : attempt_seconds))
+        if wait_for ssh "${SSH_OPTS[@]}" -o ConnectTimeout="$attempt_seconds" \
+            -o ControlMaster=yes -o ControlPath="$CONTROL_PATH" -o ControlPersist="$MASTER_IDLE_SECONDS" \
+            -f -N "$TARGET" </dev/null >/dev/null 2>"$err"; then
+            log "connected to $WHERE after $attempt attempt(s)"
+            return 0
+        fi
+        error_text=$(last_line "$err")
+        case $(classify_ssh_error "$err") in
+        host-key) fail_host_key "$err" ;;
+        auth) fail_auth "$err" ;;
+        no-ed25519)
+            fail "$WHERE offers no ssh-ed25519 host key: $error_text" \
+                "the host must use the ED25519 host key generated by the program (SSH_HOST_ED25519_KEY in the user data); check the instance's user data"
+            ;;
+        other)
+            fail "SSH to $WHERE failed: ${error_text:-ssh exited without a message}" \
+                "run the same ssh by hand to see the full error; check NIXOS_EC2_HOST and NIXOS_EC2_PORT"
+            ;;
+        esac
+        if ((SECONDS >= deadline)); then
+            fail "no SSH connection to $WHERE within ${CONNECT_TIMEOUT}s (deployConnectTimeoutSeconds), $attempt attempt(s); last SSH error: $error_text" \
+                "check that the instance is running and booted (EC2 console output)" \
+                "check that its security group allows TCP $PORT from this machine, and that the allowed CIDR contains this machine's current public IP" \
+                "check that NIXOS_EC2_HOST ($HOST) is the instance's current public address"
+        fi
+        if [[ $error_text != "$last_error" ]] || ((SECONDS - last_report >= PROGRESS_EVERY_SECONDS)); then
+            log "waiting for SSH on $WHERE (attempt $attempt, $((deadline - SECONDS))s left): $error_text"
+            last_report=$SECONDS
+            last_error=$error_text
+        fi
+        remaining=$((deadline - SECONDS))
+        wait_for sleep $((delay < remaining ? delay : remaining))
+        delay=$((delay >= MAX_RETRY_DELAY_SECONDS ? MAX_RETRY_DELAY_SECONDS : delay + 1))
+    done
+}
+
+# In the background: the master's teardown overlaps the confirm connection, which must not
+# ride on it anyway (ControlPath=none).
+close_master() {
+    ssh -o ControlPath="$CONTROL_PATH" -O exit "$TARGET" >/dev/null 2>&1 &
+}
+
+# Expanded by the remote shell: only the bootstrap that unpacks remote-switch.sh is inline.
+remote_deploy_command() {
+    # shellcheck disable=SC2016
+    printf 'set -eu; umask 077; d="${NIXOS_EC2_STATE_DIR:-%s}"; [ -d "$d" ] || mkdir -p "$d"; u=$(mktemp -d "$d/upload.XXXXXX"); tar --no-same-owner -m -xf - -C "$u"; exec bash "$u/new/bin/remote-switch.sh" deploy "$u" %s %s %s %s' \
+        "$DEFAULT_STATE_DIR" "$DEPLOY_ID" "$FLAKE_ATTR" "$ROLLBACK_TIMEOUT" "$ALLOW_FAILED_UNITS"
+}
+
+remote_confirm_command() {
+    # shellcheck disable=SC2016
+    printf 'exec bash "${NIXOS_EC2_STATE_DIR:-%s}/bin/remote-switch.sh" confirm %s %s %s' \
+        "$DEFAULT_STATE_DIR" "$DEPLOY_ID" "$ALLOW_FAILED_UNITS" "$ROLLBACK_TIMEOUT"
+}
+
+host_log_hint() {
+    printf "ssh in and read %s/logs/*-%s.log (this deploy's log) and 'journalctl -u \"nixos-ec2-*-%s*\"'" \
+        "$DEFAULT_STATE_DIR" "$DEPLOY_ID" "$DEPLOY_ID"
+}
+
+# Session on connection 1: the tar stream, then the switch, whose log streams to stderr.
+# Runs as a job (see wait_for), so it leaves the statuses of tar and ssh in a file.
+send_and_switch() {
+    set +e
+    tar -C "$WORK/payload" -cf - new |
+        ssh "${SSH_OPTS[@]}" -o ControlMaster=no -o ControlPath="$CONTROL_PATH" \
+            "$TARGET" "$(remote_deploy_command)" >"$WORK/switch.out"
+    printf '%s %s\n' "${PIPESTATUS[@]}" >"$WORK/switch.status"
+}
+
+copy_and_switch() {
+    local statuses=() status
+    log "copying $FLAKE_DIR to $HOST:$DEFAULT_STATE_DIR/flake and switching to #$FLAKE_ATTR (deploy $DEPLOY_ID)"
+    wait_for send_and_switch || true
+    if [[ -f $WORK/switch.status ]]; then
+        read -r -a statuses <"$WORK/switch.status" || true
+    fi
+    status=${statuses[1]:-$SSH_FAILED}
+    # remote-switch.sh prints the generation it recorded (the one a rollback returns to).
+    local recorded
+    recorded=$(last_line "$WORK/switch.out")
+    if is_uint "$recorded"; then
+        PREVIOUS_GENERATION=$recorded
+        ROLLBACK_TARGET="generation $recorded"
+    fi
+    case $status in
+    0) return 0 ;;
+    "$REMOTE_BUILD_FAILED")
+        fail "building #$FLAKE_ATTR on $WHERE failed; the host was not changed (log tail above)" \
+            "fix the configuration in $FLAKE_DIR; $(host_log_hint)"
+        ;;
+    "$REMOTE_ROLLED_BACK")
+        fail "switching $WHERE to #$FLAKE_ATTR failed and the host rolled back to $ROLLBACK_TARGET (log tail above)" \
+            "read the activation errors above; $(host_log_hint)" \
+            "units that failed to start make the deploy fail unless allowFailedUnits is true"
+        ;;
+    "$REMOTE_ROLLBACK_FAILED")
+        fail "switching $WHERE to #$FLAKE_ATTR failed AND the rollback to $ROLLBACK_TARGET failed; the host may be half switched (log tail above)" \
+            "$(host_log_hint)" \
+            "roll back by hand: nix-env -p /nix/var/nix/profiles/system --switch-generation $PREVIOUS_GENERATION && /nix/var/nix/profiles/system/bin/switch-to-configuration switch"
+        ;;
+    "$REMOTE_BAD_STATE")
+        fail "$WHERE is not in a state this deploy can work with (see the error above); nothing was switched" \
+            "$(host_log_hint)"
+        ;;
+    "$REMOTE_BUSY")
+        fail "another deploy or rollback is running on $WHERE" \
+            "wait for it to finish ('systemctl list-units \"nixos-ec2-*\"' on the host), then run again"
+        ;;
+    "$SSH_FAILED")
+        fail "the SSH connection to $WHERE failed during the copy or switch (deploy $DEPLOY_ID); a switch that already started continues on the host, and a switched host rolls itself back within ${ROLLBACK_TIMEOUT}s because this deploy cannot confirm it" \
+            "$(host_log_hint)" \
+            "then run the deploy again"
+        ;;
+    *)
+        if ((${statuses[0]:-0} != 0)); then
+            fail "packing $FLAKE_DIR for upload failed (tar exited ${statuses[0]})" "check that every file under $FLAKE_DIR is readable"
+        fi
+        fail "the copy or switch on $WHERE failed (remote exit status $status); see the messages above" \
+            "$(host_log_hint)"
+        ;;
+    esac
+}
+
+# Connection 2, always fresh: if the new system locked the admin out, this is where it shows.
+confirm() {
+    local deadline=$((SECONDS + ROLLBACK_TIMEOUT)) status kind error_text delay=1 attempt=0
+    log "confirming over a new SSH connection"
+    while :; do
+        attempt=$((attempt + 1))
+        status=0
+        wait_for ssh "${SSH_OPTS[@]}" -o ConnectTimeout="$MAX_ATTEMPT_SECONDS" -o ControlMaster=no -o ControlPath=none \
+            "$TARGET" "$(remote_confirm_command)" >"$WORK/confirm.out" 2>"$WORK/confirm.err" || status=$?
+        printf '%s' "$(<"$WORK/confirm.err")" >&2
+        [[ -s $WORK/confirm.err ]] && printf '\n' >&2
+        case $status in
+        0) return 0 ;;
+        "$REMOTE_ROLLED_BACK")
+            fail "the new system on $WHERE failed its checks after the switch and was rolled back to $ROLLBACK_TARGET (see above)" \
+                "$(host_log_hint)" \
+                "a degraded system (failed units) fails the deploy unless allowFailedUnits is true; the health check must answer 'ok'"
+            ;;
+        "$REMOTE_ALREADY_ROLLED_BACK")
+            fail "$WHERE had already rolled back to $ROLLBACK_TARGET before this deploy could confirm (the switch and the confirmation took longer than rollbackTimeoutSeconds=${ROLLBACK_TIMEOUT})" \
+                "$(host_log_hint)" "raise rollbackTimeoutSeconds if activation is slow, then run again"
+            ;;
+        "$REMOTE_ROLLBACK_FAILED")
+            fail "the new system on $WHERE failed its checks AND the rollback to $ROLLBACK_TARGET failed (see above)" \
+                "$(host_log_hint)"
+            ;;
+        "$REMOTE_BAD_STATE")
+            fail "$WHERE has no rollback armed for deploy $DEPLOY_ID, so it cannot be confirmed; a later deploy may have superseded it (see above)" \
+                "$(host_log_hint)"
+            ;;
+        "$SSH_FAILED") ;;
+        *)
+            fail "confirming the deploy on $WHERE failed (remote exit status $status); the host rolls back to $ROLLBACK_TARGET within ${ROLLBACK_TIMEOUT}s unless confirmed" \
+                "$(host_log_hint)"
+            ;;
+        esac
+        kind=$(classify_ssh_error "$WORK/confirm.err")
+        error_text=$(last_line "$WORK/confirm.err")
+        if [[ $kind != retry ]] || ((SECONDS + delay >= deadline)); then
+            fail "could not open a new SSH connection to $WHERE after the switch ($error_text). The new system may have broken SSH access for the admin; the host rolls itself back to $ROLLBACK_TARGET within ${ROLLBACK_TIMEOUT}s (rollbackTimeoutSeconds) because this deploy was not confirmed" \
+                "wait ${ROLLBACK_TIMEOUT}s, then check SSH again; $(host_log_hint)" \
+                "look at what the new configuration changed about sshd, the firewall or users.users.$REMOTE_USER.openssh.authorizedKeys"
+        fi
+        log "confirmation attempt $attempt failed ($error_text); retrying"
+        wait_for sleep "$delay"
+        delay=$((delay >= MAX_RETRY_DELAY_SECONDS ? MAX_RETRY_DELAY_SECONDS : delay + 1))
+    done
+}
+
+print_result() {
+    local result
+    result=$(last_line "$WORK/confirm.out")
+    if [[ ! $result =~ ^\{\"systemPath\":\"/[A-Za-z0-9._+/-]+\",\"generation\":[0-9]+\}$ ]]; then
+        fail "the host $WHERE confirmed the deploy but returned no valid result line (got '${result:0:200}')" \
+            "$(host_log_hint)"
+    fi
+    log "deploy $DEPLOY_ID confirmed on $WHERE"
+    printf '%s\n' "$result"
+}
+
+main() {
+    take_private_key
+    validate_inputs
+    trap cleanup EXIT
+    trap 'exit 129' HUP
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    make_workdir
+    write_credentials
+    set_ssh_options
+    # Packing the upload overlaps the wait for SSH.
+    copy_payload &
+    local packing=$!
+    open_master
+    wait "$packing" || fail "copying $FLAKE_DIR into a temporary upload directory failed (see above)" \
+        "check that every file under $FLAKE_DIR is readable and that ${TMPDIR:-/tmp} has space"
+    copy_and_switch
+    close_master
+    confirm
+    print_result
+}
+
+main "$@"

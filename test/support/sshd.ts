@@ -1,0 +1,440 @@
+/**
+ * A real OpenSSH server on 127.0.0.1 that plays a NixOS host for deploy/nixos-deploy.sh: its own
+ * ED25519 host key, an admin key in its AuthorizedKeysFile, and on the session PATH the stand-ins
+ * from test/fixtures/host-bin (nixos-rebuild, nix-env, systemd-run, systemctl, curl), which record
+ * every call in `<host>/calls.log`. The system profile is a real symlink chain
+ * (`system -> system-N-link -> <host>/store/<hash>-nixos-system-<name>`), so generations and store
+ * paths the deploy reports are real readings. Used by the integration tests and the benchmark.
+ */
+import { ChildProcess, execFileSync, spawn } from "node:child_process";
+import * as fs from "node:fs";
+import * as net from "node:net";
+import * as os from "node:os";
+import * as path from "node:path";
+
+const REPO = path.resolve(__dirname, "..", "..");
+export const DEPLOY_SCRIPT = path.join(REPO, "deploy", "nixos-deploy.sh");
+const HOST_BIN = path.join(REPO, "test", "fixtures", "host-bin");
+const FAKE_SWITCH = path.join(REPO, "test", "fixtures", "fake-system", "switch-to-configuration");
+const SBIN_DIRS = ["/usr/local/sbin", "/usr/sbin", "/sbin"];
+const INITIAL_SYSTEM = "00000000000000000000000000000000-nixos-system-initial";
+const READY_TIMEOUT_MS = 10_000;
+
+/**
+ * sshd's absolute path: it lives in an sbin directory, which a non-root user's PATH often lacks
+ * (and a test cannot add to PATH: jest sandboxes process.env). "sshd" when it is nowhere, so
+ * that describeWithTools reports it missing.
+ */
+export function sshdCommand(): string {
+    for (const dir of (process.env.PATH ?? "").split(":").concat(SBIN_DIRS)) {
+        const candidate = path.join(dir, "sshd");
+        if (dir !== "" && fs.existsSync(candidate)) {
+            // sshd re-executes itself and insists on an absolute path.
+            return path.resolve(candidate);
+        }
+    }
+    return "sshd";
+}
+
+/** A TCP port on 127.0.0.1 that nothing listens on (it was free a moment ago). */
+export async function freePort(): Promise<number> {
+    return new Promise((resolve, reject) => {
+        const server = net.createServer();
+        server.once("error", reject);
+        server.listen(0, "127.0.0.1", () => {
+            const address = server.address();
+            server.close(() => {
+                if (address && typeof address === "object") {
+                    resolve(address.port);
+                } else {
+                    reject(new Error("could not read the port of a listening socket"));
+                }
+            });
+        });
+    });
+}
+
+/** What the stand-ins do; each field is a file in `<host>/control`, copied into the next build. */
+export interface HostBehaviour {
+    /** Exit status of `nixos-rebuild build` (0 = builds). */
+    buildExit?: number;
+    /** Seconds `nixos-rebuild build` takes. */
+    buildDelaySeconds?: number;
+    /** Exit status of the new system's switch-to-configuration (0, 1 = failed, 4 = units failed). */
+    switchExit?: number;
+    /** The new system installs an empty authorized_keys: new SSH connections are refused. */
+    breakSsh?: boolean;
+    /** Body of the health URL on the new system; a number is answered as that HTTP error. */
+    health?: string;
+    /** What `systemctl is-system-running` says on the new system. */
+    systemState?: string;
+    /** Seconds `systemctl is-system-running --wait` takes. */
+    settleDelaySeconds?: number;
+}
+
+export interface SshdOptions {
+    /** Start listening only this long after startSshd returns (a host that boots late). */
+    startAfterMs?: number;
+    /** Sets NIXOS_EC2_HEALTH_URL for sessions; unset, the deploy uses its production default. */
+    healthUrl?: string;
+}
+
+export interface TestSshd {
+    readonly port: number;
+    /** `ssh-ed25519 AAAA...` of the server: the only key a deploy may trust. */
+    readonly hostPublicKey: string;
+    /** OpenSSH private key text of the admin user (what the component passes as a secret). */
+    readonly adminPrivateKey: string;
+    /** The user sshd lets in (whoever runs the tests). */
+    readonly user: string;
+    /** Everything of this server lives here; removed by stop(). */
+    readonly dir: string;
+    /** The fake host's root: bin/, store/, profiles/, run/, state/, control/, units/, calls.log. */
+    readonly hostDir: string;
+    /** NIXOS_EC2_STATE_DIR on the fake host. */
+    readonly stateDir: string;
+    /** NIXOS_EC2_SYSTEM_PROFILE on the fake host. */
+    readonly profile: string;
+    /** A flake directory for deploys to copy (with files the copy must leave out). */
+    readonly flakeDir: string;
+    /** TMPDIR for the deploy script, owned by the test, so leftovers can be checked. */
+    readonly localTmp: string;
+    /** Resolves once sshd listens. */
+    readonly ready: Promise<void>;
+    setBehaviour(behaviour: HostBehaviour): void;
+    /** Recorded stand-in calls, one line each: `name arg...` (args shell-quoted). */
+    calls(): string[];
+    /** Generation number the system profile points at. */
+    generation(): number;
+    /** Store path the system profile resolves to. */
+    systemPath(): string;
+    /** Store path /run/current-system (the activated system) resolves to. */
+    currentSystem(): string;
+    /** Successful SSH logins so far ("Accepted publickey" in sshd's log). */
+    acceptedLogins(): number;
+    sshdLog(): string;
+    stop(): Promise<void>;
+}
+
+function keygen(file: string, comment: string): void {
+    execFileSync("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", file], { stdio: "ignore" });
+}
+
+function writeControl(hostDir: string, name: string, value: string | number | boolean | undefined): void {
+    const file = path.join(hostDir, "control", name);
+    if (value === undefined || value === false) {
+        fs.rmSync(file, { force: true });
+    } else {
+        fs.writeFileSync(file, value === true ? "yes" : String(value));
+    }
+}
+
+function makeFlake(flakeDir: string): void {
+    fs.mkdirSync(path.join(flakeDir, "modules"), { recursive: true });
+    fs.writeFileSync(
+        path.join(flakeDir, "flake.nix"),
+        '{\n  outputs = { self }: { nixosConfigurations = { }; };\n}\n',
+    );
+    fs.writeFileSync(path.join(flakeDir, "modules", "web.nix"), "{ ... }: { }\n");
+    // Build links and editor droppings: the copy must leave these out.
+    fs.symlinkSync("/nonexistent-store-path", path.join(flakeDir, "result"));
+    fs.symlinkSync("/nonexistent-store-path", path.join(flakeDir, "result-1"));
+    fs.writeFileSync(path.join(flakeDir, "flake.nix~"), "backup\n");
+    fs.writeFileSync(path.join(flakeDir, "modules", ".#web.nix"), "lock\n");
+    fs.writeFileSync(path.join(flakeDir, "modules", ".web.nix.swp"), "swap\n");
+    fs.writeFileSync(path.join(flakeDir, ".DS_Store"), "finder\n");
+}
+
+/** Lays out the fake host: stand-ins, generation 1 of the system profile, the admin key. */
+function makeHost(hostDir: string, adminPublicKey: string): void {
+    for (const sub of ["bin", "fixtures", "store", "profiles", "run", "state", "control", "units"]) {
+        fs.mkdirSync(path.join(hostDir, sub), { recursive: true });
+    }
+    for (const name of fs.readdirSync(HOST_BIN)) {
+        fs.copyFileSync(path.join(HOST_BIN, name), path.join(hostDir, "bin", name));
+        fs.chmodSync(path.join(hostDir, "bin", name), 0o755);
+    }
+    fs.copyFileSync(FAKE_SWITCH, path.join(hostDir, "fixtures", "switch-to-configuration"));
+    fs.writeFileSync(path.join(hostDir, "admin.pub"), adminPublicKey);
+    fs.writeFileSync(path.join(hostDir, "authorized_keys"), adminPublicKey);
+    fs.writeFileSync(path.join(hostDir, "calls.log"), "");
+
+    const initial = path.join(hostDir, "store", INITIAL_SYSTEM);
+    fs.mkdirSync(path.join(initial, "bin"), { recursive: true });
+    fs.copyFileSync(FAKE_SWITCH, path.join(initial, "bin", "switch-to-configuration"));
+    fs.chmodSync(path.join(initial, "bin", "switch-to-configuration"), 0o755);
+    fs.writeFileSync(path.join(initial, "authorized_keys"), adminPublicKey);
+    fs.writeFileSync(path.join(initial, "switch-exit"), "0");
+    fs.writeFileSync(path.join(initial, "health"), "ok");
+    fs.writeFileSync(path.join(initial, "system-state"), "running");
+    fs.symlinkSync(initial, path.join(hostDir, "profiles", "system-1-link"));
+    fs.symlinkSync("system-1-link", path.join(hostDir, "profiles", "system"));
+    fs.symlinkSync(initial, path.join(hostDir, "run", "current-system"));
+}
+
+function sshdConfig(o: {
+    port: number;
+    dir: string;
+    hostDir: string;
+    user: string;
+    healthUrl?: string;
+}): string {
+    const env = [
+        `PATH=${path.join(o.hostDir, "bin")}:/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin`,
+        // Debian's bash sources ~/.bashrc for ssh commands when SHLVL < 2; the test user's
+        // dotfiles (PATH changes, slow init) must not shape the fake host.
+        "SHLVL=1",
+        `NIXOS_EC2_STATE_DIR=${path.join(o.hostDir, "state")}`,
+        `NIXOS_EC2_SYSTEM_PROFILE=${path.join(o.hostDir, "profiles", "system")}`,
+    ];
+    if (o.healthUrl !== undefined) {
+        env.push(`NIXOS_EC2_HEALTH_URL=${o.healthUrl}`);
+    }
+    return [
+        "ListenAddress 127.0.0.1",
+        `Port ${o.port}`,
+        `HostKey ${path.join(o.dir, "ssh_host_ed25519_key")}`,
+        `PidFile ${path.join(o.dir, "sshd.pid")}`,
+        `AuthorizedKeysFile ${path.join(o.hostDir, "authorized_keys")}`,
+        `AllowUsers ${o.user}`,
+        "StrictModes no",
+        "UsePAM no",
+        "PubkeyAuthentication yes",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "PermitRootLogin prohibit-password",
+        "LogLevel INFO",
+        `SetEnv ${env.join(" ")}`,
+        "",
+    ].join("\n");
+}
+
+function readOr(file: string, fallback: string): string {
+    try {
+        return fs.readFileSync(file, "utf8");
+    } catch {
+        return fallback;
+    }
+}
+
+function killQuietly(pid: number, signal: NodeJS.Signals): void {
+    try {
+        process.kill(pid, signal);
+    } catch {
+        // already gone
+    }
+}
+
+export async function startSshd(options: SshdOptions = {}): Promise<TestSshd> {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "nixos-ec2-sshd-"));
+    const hostDir = path.join(dir, "host");
+    const flakeDir = path.join(dir, "flake");
+    const localTmp = path.join(dir, "local-tmp");
+    const user = os.userInfo().username;
+    fs.mkdirSync(localTmp);
+    keygen(path.join(dir, "ssh_host_ed25519_key"), "test-host");
+    keygen(path.join(dir, "admin"), "test-admin");
+    const hostPublicKey = fs.readFileSync(path.join(dir, "ssh_host_ed25519_key.pub"), "utf8").trim();
+    const adminPrivateKey = fs.readFileSync(path.join(dir, "admin"), "utf8");
+    // The deploy gets the key from its environment only; no copy stays on disk.
+    fs.rmSync(path.join(dir, "admin"));
+    makeHost(hostDir, fs.readFileSync(path.join(dir, "admin.pub"), "utf8"));
+    makeFlake(flakeDir);
+
+    const port = await freePort();
+    const configFile = path.join(dir, "sshd_config");
+    const logFile = path.join(dir, "sshd.log");
+    fs.writeFileSync(configFile, sshdConfig({ port, dir, hostDir, user, healthUrl: options.healthUrl }));
+    if (process.getuid?.() === 0) {
+        // A root sshd needs its privilege separation directory, normally made by its service unit.
+        fs.mkdirSync("/run/sshd", { recursive: true, mode: 0o755 });
+    }
+
+    let child: ChildProcess | undefined;
+    let exited = false;
+    let startTimer: NodeJS.Timeout | undefined;
+    let stopped = false;
+    const launch = (): Promise<void> => {
+        child = spawn(sshdCommand(), ["-D", "-f", configFile, "-E", logFile], { stdio: ["ignore", "ignore", "pipe"] });
+        let stderr = "";
+        child.stderr?.on("data", (chunk: Buffer) => (stderr += chunk.toString()));
+        child.once("exit", () => (exited = true));
+        const started = Date.now();
+        return new Promise((resolve, reject) => {
+            const poll = (): void => {
+                if (readOr(logFile, "").includes(`Server listening on 127.0.0.1 port ${port}`)) {
+                    resolve();
+                } else if (exited || Date.now() - started > READY_TIMEOUT_MS) {
+                    reject(new Error(`sshd did not start on port ${port}: ${stderr}${readOr(logFile, "")}`));
+                } else {
+                    setTimeout(poll, 10);
+                }
+            };
+            poll();
+        });
+    };
+    const ready =
+        options.startAfterMs === undefined
+            ? launch()
+            : new Promise<void>((resolve, reject) => {
+                  startTimer = setTimeout(() => {
+                      if (!stopped) {
+                          launch().then(resolve, reject);
+                      }
+                  }, options.startAfterMs);
+              });
+    if (options.startAfterMs === undefined) {
+        await ready;
+    } else {
+        ready.catch(() => undefined);
+    }
+
+    const profile = path.join(hostDir, "profiles", "system");
+    return {
+        port,
+        hostPublicKey,
+        adminPrivateKey,
+        user,
+        dir,
+        hostDir,
+        stateDir: path.join(hostDir, "state"),
+        profile,
+        flakeDir,
+        localTmp,
+        ready,
+        setBehaviour(b: HostBehaviour): void {
+            writeControl(hostDir, "build-exit", b.buildExit);
+            writeControl(hostDir, "build-delay", b.buildDelaySeconds);
+            writeControl(hostDir, "switch-exit", b.switchExit);
+            writeControl(hostDir, "break-ssh", b.breakSsh);
+            writeControl(hostDir, "health", b.health);
+            writeControl(hostDir, "system-state", b.systemState);
+            writeControl(hostDir, "settle-delay", b.settleDelaySeconds);
+        },
+        calls(): string[] {
+            return readOr(path.join(hostDir, "calls.log"), "")
+                .split("\n")
+                .filter((line) => line !== "");
+        },
+        generation(): number {
+            const match = /-(\d+)-link$/.exec(fs.readlinkSync(profile));
+            if (!match) {
+                throw new Error(`${profile} does not point at a generation link`);
+            }
+            return Number(match[1]);
+        },
+        systemPath(): string {
+            return fs.realpathSync(profile);
+        },
+        currentSystem(): string {
+            return fs.realpathSync(path.join(hostDir, "run", "current-system"));
+        },
+        acceptedLogins(): number {
+            return (readOr(logFile, "").match(/Accepted publickey for /g) ?? []).length;
+        },
+        sshdLog(): string {
+            return readOr(logFile, "");
+        },
+        async stop(): Promise<void> {
+            stopped = true;
+            if (startTimer) {
+                clearTimeout(startTimer);
+            }
+            // Armed rollback timers of the systemd-run stand-in are background processes.
+            const units = path.join(hostDir, "units");
+            for (const name of fs.existsSync(units) ? fs.readdirSync(units) : []) {
+                if (name.endsWith(".pid")) {
+                    const pid = Number(readOr(path.join(units, name), "").trim());
+                    if (pid > 0) {
+                        killQuietly(pid, "SIGKILL");
+                    }
+                }
+            }
+            if (child && !exited) {
+                const gone = new Promise((resolve) => child?.once("exit", resolve));
+                child.kill("SIGTERM");
+                await gone;
+            }
+            fs.rmSync(dir, { recursive: true, force: true });
+        },
+    };
+}
+
+/** The environment NixosDeployment gives the script, pointed at this server. */
+export function deployEnv(sshd: TestSshd, overrides: Record<string, string> = {}): NodeJS.ProcessEnv {
+    return {
+        PATH: process.env.PATH,
+        HOME: process.env.HOME ?? os.homedir(),
+        TMPDIR: sshd.localTmp,
+        NIXOS_EC2_HOST: "127.0.0.1",
+        NIXOS_EC2_PORT: String(sshd.port),
+        NIXOS_EC2_USER: sshd.user,
+        NIXOS_EC2_SSH_PRIVATE_KEY: sshd.adminPrivateKey,
+        NIXOS_EC2_HOST_PUBLIC_KEY: sshd.hostPublicKey,
+        NIXOS_EC2_FLAKE_DIR: sshd.flakeDir,
+        NIXOS_EC2_FLAKE_ATTR: "web",
+        NIXOS_EC2_CONNECT_TIMEOUT_SECONDS: "10",
+        NIXOS_EC2_ROLLBACK_TIMEOUT_SECONDS: "5",
+        NIXOS_EC2_ALLOW_FAILED_UNITS: "false",
+        ...overrides,
+    };
+}
+
+export interface DeployRun {
+    code: number | null;
+    signal: NodeJS.Signals | null;
+    stdout: string;
+    stderr: string;
+    elapsedMs: number;
+}
+
+export interface RunDeployOptions {
+    timeoutMs?: number;
+    /** Called on each chunk of stderr; true kills the script's whole process group (SIGKILL). */
+    killWhen?: (stderr: string) => boolean;
+    /** Called on each chunk of stderr; a signal is sent once to the script alone (as a parent would). */
+    signalWhen?: (stderr: string) => NodeJS.Signals | undefined;
+}
+
+/** Runs deploy/nixos-deploy.sh with `env`, collecting its output. */
+export function runDeploy(env: NodeJS.ProcessEnv, options: RunDeployOptions = {}): Promise<DeployRun> {
+    const started = process.hrtime.bigint();
+    // Its own process group, so a kill takes its ssh children along (like a dropped connection).
+    const child = spawn(DEPLOY_SCRIPT, [], { env, stdio: ["ignore", "pipe", "pipe"], detached: true });
+    let stdout = "";
+    let stderr = "";
+    let killed = false;
+    let signalled = false;
+    const killGroup = (): void => {
+        if (!killed && child.pid !== undefined) {
+            killed = true;
+            killQuietly(-child.pid, "SIGKILL");
+        }
+    };
+    child.stdout.on("data", (chunk: Buffer) => (stdout += chunk.toString()));
+    child.stderr.on("data", (chunk: Buffer) => {
+        stderr += chunk.toString();
+        if (options.killWhen?.(stderr)) {
+            killGroup();
+        }
+        const signal = signalled ? undefined : options.signalWhen?.(stderr);
+        if (signal !== undefined && child.pid !== undefined) {
+            signalled = true;
+            killQuietly(child.pid, signal);
+        }
+    });
+    const timer = setTimeout(killGroup, options.timeoutMs ?? 55_000);
+    return new Promise((resolve, reject) => {
+        child.once("error", reject);
+        child.once("close", (code, signal) => {
+            clearTimeout(timer);
+            resolve({
+                code,
+                signal,
+                stdout,
+                stderr,
+                elapsedMs: Number(process.hrtime.bigint() - started) / 1e6,
+            });
+        });
+    });
+}
