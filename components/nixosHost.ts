@@ -59,13 +59,13 @@ export function amiNamePattern(release: string): string {
  * a 0600 temporary file that the subshell's trap removes, and `KnownHostsCommand` (OpenSSH 8.5+)
  * supplies the one known host key (`%H` is the address, `[address]:port` off port 22).
  */
-export function sshCommand(stack: string, address: string, hostPublicKey: string, port = 22): string {
+export function sshCommand(stack: string, address: string, hostPublicKey: string, port = 22, user = ADMIN_USER): string {
     const portOption = port === 22 ? "" : `-p ${port} `;
     return (
         `(umask 077; key=$(mktemp) && trap 'rm -f "$key"' EXIT && ` +
         `pulumi stack output -s ${stack} --show-secrets adminPrivateKey > "$key" && ` +
         `ssh ${portOption}-i "$key" -o IdentitiesOnly=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile=/dev/null ` +
-        `-o 'KnownHostsCommand=/usr/bin/env echo %H ${hostPublicKey.trim()}' ${ADMIN_USER}@${address})`
+        `-o 'KnownHostsCommand=/usr/bin/env echo %H ${hostPublicKey.trim()}' ${user}@${address})`
     );
 }
 

@@ -198,8 +198,8 @@ copy_payload() {
     cp "$SCRIPT_DIR/remote-switch.sh" "$WORK/payload/new/bin/"
     # COPYFILE_DISABLE keeps macOS tar from adding ._* resource-fork files.
     COPYFILE_DISABLE=1 tar -C "$FLAKE_DIR" \
-        --exclude=result --exclude='result-*' --exclude='*~' --exclude='.#*' \
-        --exclude='*.swp' --exclude=.DS_Store --exclude=.git --exclude=.direnv \
+        --exclude='result' --exclude='result-*' --exclude='*~' --exclude='.#*' --exclude='#*#' \
+        --exclude='*.swp' --exclude='*.swo' --exclude='.DS_Store' --exclude='.git' --exclude='.direnv' \
         -cf - . | tar -C "$WORK/payload/new/flake" -xf -
 }
 

@@ -7,8 +7,14 @@ import { createHash } from "node:crypto";
 import { lstatSync, readdirSync, readFileSync, readlinkSync } from "node:fs";
 import * as path from "node:path";
 
-/** Build results, editor droppings and VCS data: present in a working tree, never part of the flake. */
-const IGNORED = [/^result(-.*)?$/, /~$/, /^\.#/, /^#.*#$/, /\.sw[op]$/, /^\.DS_Store$/, /^\.git$/, /^\.direnv$/];
+/**
+ * Build results, editor droppings and VCS data: present in a working tree, never part of the flake.
+ * Shell globs matched against each file or directory name; deploy/nixos-deploy.sh leaves the
+ * same names out of what it copies to the host (a test holds the two lists together).
+ */
+export const IGNORED_NAMES = ["result", "result-*", "*~", ".#*", "#*#", "*.swp", "*.swo", ".DS_Store", ".git", ".direnv"];
+
+const IGNORED = IGNORED_NAMES.map((glob) => new RegExp(`^${glob.replace(/[.+^${}()|[\]\\]/g, "\\$&").replace(/\*/g, ".*")}$`));
 
 export function isIgnored(name: string): boolean {
     return IGNORED.some((re) => re.test(name));

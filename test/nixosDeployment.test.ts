@@ -2,7 +2,8 @@ import { chmodSync, cpSync, mkdtempSync, symlinkSync, utimesSync, writeFileSync 
 import { tmpdir } from "node:os";
 import * as path from "node:path";
 import { parseDeployResult } from "../components/nixosDeployment";
-import { flakeFiles, flakeHash } from "../lib/flakeHash";
+import { readFileSync } from "node:fs";
+import { flakeFiles, flakeHash, IGNORED_NAMES } from "../lib/flakeHash";
 import { OfflineRun, SecretValue } from "../lib/offline";
 import { PROJECT_DIR } from "../lib/stacks";
 import { childrenOf, resource, runProgram } from "./support/program";
@@ -93,6 +94,14 @@ describe("flakeHash", () => {
         for (const junk of ["network.json~", ".#flake.nix", "#flake.nix#", ".flake.nix.swp", ".DS_Store"]) writeFileSync(path.join(clone, junk), "junk");
         expect(flakeFiles(clone)).toEqual(flakeFiles(NIX_DIR));
         expect(flakeHash(clone)).toBe(flakeHash(NIX_DIR));
+    });
+});
+
+describe("what a deploy copies", () => {
+    it("leaves out exactly the names the trigger hash ignores", () => {
+        const script = readFileSync(path.join(PROJECT_DIR, "deploy", "nixos-deploy.sh"), "utf8");
+        const excluded = [...script.matchAll(/--exclude='([^']+)'/g)].map((m) => m[1]);
+        expect(excluded.sort()).toEqual([...IGNORED_NAMES].sort());
     });
 });
 
