@@ -98,6 +98,7 @@ export class NixosHost extends pulumi.ComponentResource {
                       { parent: this },
                   ).id;
 
+        const instanceTags = pulumi.output(args.tags).apply((t) => ({ ...t, Name: `${args.stack}-${args.hostName}` }));
         const instance = new Instance(
             `${name}-instance`,
             {
@@ -114,8 +115,8 @@ export class NixosHost extends pulumi.ComponentResource {
                 userData: pulumi.secret(
                     pulumi.all([args.hostPrivateKey, args.hostPublicKey]).apply(([key, pub]) => hostKeyUserData(key, pub)),
                 ),
-                tags: pulumi.output(args.tags).apply((t) => ({ ...t, Name: `${args.stack}-${args.hostName}` })),
-                volumeTags: pulumi.output(args.tags).apply((t) => ({ ...t, Name: `${args.stack}-${args.hostName}` })),
+                tags: instanceTags,
+                volumeTags: instanceTags,
             },
             // A newer image must never replace a running host: NixOS upgrades in place through the flake.
             { parent: this, ignoreChanges: ["ami"] },

@@ -179,6 +179,20 @@ const WORLD = ["0.0.0.0/0", "::/0"];
 /** Raw config: bare project keys (no `nixos-ec2:` prefix) to the strings Pulumi passes a program. */
 export type RawConfig = Readonly<Record<string, string | undefined>>;
 
+/** `instanceType` -> `nixos-ec2:instanceType`; a key with a namespace (`aws:region`) as it is. */
+export function qualifyKey(key: string): string {
+    return key.includes(":") ? key : `${PROJECT}:${key}`;
+}
+
+/** The project's own keys of a full config map (`nixos-ec2:hosts` -> `hosts`). */
+export function projectKeys(config: Readonly<Record<string, string>>): RawConfig {
+    const raw: Record<string, string> = {};
+    for (const [key, value] of Object.entries(config)) {
+        if (key.startsWith(`${PROJECT}:`)) raw[key.slice(PROJECT.length + 1)] = value;
+    }
+    return raw;
+}
+
 /**
  * Parse and validate. `raw` holds the project's keys without namespace; `region` is `aws:region`;
  * `network` is nix/network.json as read by `readNetworkFile`.
@@ -211,7 +225,7 @@ export function parseSettings(stack: string, raw: RawConfig, region: string | un
         problems.push(`aws:region: ${show(region)} is not an AWS region name (e.g. eu-central-1, us-east-1)`);
     }
 
-    const json = (k: string, text: string): unknown => {
+    const json = (text: string): unknown => {
         try {
             return JSON.parse(text);
         } catch {
@@ -228,7 +242,7 @@ export function parseSettings(stack: string, raw: RawConfig, region: string | un
                 `e.g. ["203.0.113.7/32"]; there is no default`,
         );
     } else {
-        const list = json("sshAllowedCidrs", cidrsText);
+        const list = json(cidrsText);
         if (!Array.isArray(list) || list.length === 0 || !list.every((c) => typeof c === "string")) {
             problems.push(`${key("sshAllowedCidrs")}: ${cidrsText} is not a non-empty list of CIDR strings, e.g. ["203.0.113.7/32"]`);
         } else {
@@ -373,7 +387,7 @@ export function parseSettings(stack: string, raw: RawConfig, region: string | un
             );
         }
     } else {
-        const map = json("hosts", hostsText);
+        const map = json(hostsText);
         if (typeof map !== "object" || map === null || Array.isArray(map)) {
             problems.push(`${key("hosts")}: ${hostsText} is not an object; allowed: a map of host name to overrides, e.g. {"web": {"instanceType": "t3.medium"}}`);
         } else if (Object.keys(map).length === 0) {

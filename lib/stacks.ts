@@ -6,7 +6,7 @@
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import * as path from "node:path";
 import * as yaml from "js-yaml";
-import { parseSettings, PROJECT, RawConfig, Settings } from "./config";
+import { parseSettings, projectKeys, qualifyKey, Settings } from "./config";
 import { readNetworkFile } from "./network";
 
 export const PROJECT_DIR = path.join(__dirname, "..");
@@ -25,10 +25,6 @@ export function listStacks(dir: string = PROJECT_DIR): string[] {
 /** Config values reach a program as strings; arrays and objects as JSON. */
 function asConfigString(v: unknown): string {
     return typeof v === "string" ? v : JSON.stringify(v);
-}
-
-function qualify(key: string): string {
-    return key.includes(":") ? key : `${PROJECT}:${key}`;
 }
 
 export class UnknownStackError extends Error {
@@ -52,22 +48,13 @@ export function loadStackConfig(stack: string, overrides: Record<string, string>
     const config: StackConfig = {};
     for (const [key, declaration] of Object.entries(project.config ?? {})) {
         if (declaration !== null && typeof declaration === "object" && "default" in declaration) {
-            config[qualify(key)] = asConfigString((declaration as { default: unknown }).default);
+            config[qualifyKey(key)] = asConfigString((declaration as { default: unknown }).default);
         }
     }
     const stackYaml = yaml.load(readFileSync(stackFile, "utf8")) as { config?: Record<string, unknown> } | null;
-    for (const [key, v] of Object.entries(stackYaml?.config ?? {})) config[qualify(key)] = asConfigString(v);
-    for (const [key, v] of Object.entries(overrides)) config[qualify(key)] = v;
+    for (const [key, v] of Object.entries(stackYaml?.config ?? {})) config[qualifyKey(key)] = asConfigString(v);
+    for (const [key, v] of Object.entries(overrides)) config[qualifyKey(key)] = v;
     return config;
-}
-
-/** The project's own keys of a stack config, without their namespace. */
-export function projectKeys(config: StackConfig): RawConfig {
-    const raw: Record<string, string> = {};
-    for (const [key, v] of Object.entries(config)) {
-        if (key.startsWith(`${PROJECT}:`)) raw[key.slice(PROJECT.length + 1)] = v;
-    }
-    return raw;
 }
 
 /** The validated settings of `stack`, as the program would see them (throws ConfigError). */

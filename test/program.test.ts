@@ -1,4 +1,6 @@
 import { OfflineRun, SecretValue } from "../lib/offline";
+import { parseSettings } from "../lib/config";
+import { readNetworkFile } from "../lib/network";
 import { listStacks, loadSettings, loadStackConfig } from "../lib/stacks";
 import { runProgram } from "./support/program";
 import { isSecret, plainStrings } from "./support/secrets";
@@ -27,6 +29,14 @@ describe("the stacks in the repository", () => {
         expect(config["nixos-ec2:elasticIp"]).toBe("true");
         expect(config["aws:region"]).toBe("us-east-1");
         expect(JSON.parse(config["nixos-ec2:sshAllowedCidrs"])).toEqual(["203.0.113.0/24"]);
+    });
+
+    it("get the same settings from the Pulumi.yaml schema defaults as from the program's own defaults", () => {
+        // The CLI applies the schema defaults; the program falls back to its own when a key is unset.
+        const { "nixos-ec2:sshAllowedCidrs": cidrs, "aws:region": region } = loadStackConfig("staging");
+        const withSchemaDefaults = loadSettings("staging");
+        const withoutThem = parseSettings("staging", { sshAllowedCidrs: cidrs }, region, readNetworkFile());
+        expect(withoutThem).toEqual(withSchemaDefaults);
     });
 
     it("run under the mocks with the expected hosts and no unmocked data source", async () => {

@@ -8,7 +8,7 @@
  * Exit status: 0 printed a preview; 1 the configuration is wrong (only its errors are printed,
  * on stderr); 2 bad arguments or an unknown stack; 3 the program failed some other way.
  */
-import { ConfigError, PROJECT } from "../lib/config";
+import { ConfigError, qualifyKey } from "../lib/config";
 import { runOffline } from "../lib/offline";
 import { loadStackConfig, PROJECT_DIR, UnknownStackError } from "../lib/stacks";
 import { buildReport, renderJson, renderText } from "./previewReport";
@@ -134,7 +134,7 @@ async function main(argv: readonly string[]): Promise<void> {
 
     const report = buildReport(
         run,
-        Object.keys(args.overrides).map((k) => (k.includes(":") ? k : `${PROJECT}:${k}`)),
+        Object.keys(args.overrides).map(qualifyKey),
     );
     finish(process.stdout, args.json ? renderJson(report) : renderText(report), EXIT.ok);
 }
