@@ -76,9 +76,11 @@ validate_inputs() {
     HOST_PUBLIC_KEY=${NIXOS_EC2_HOST_PUBLIC_KEY:-}
     FLAKE_DIR=${NIXOS_EC2_FLAKE_DIR:-}
     FLAKE_ATTR=${NIXOS_EC2_FLAKE_ATTR:-}
-    CONNECT_TIMEOUT=${NIXOS_EC2_CONNECT_TIMEOUT_SECONDS:-600}
-    ROLLBACK_TIMEOUT=${NIXOS_EC2_ROLLBACK_TIMEOUT_SECONDS:-120}
-    ALLOW_FAILED_UNITS=${NIXOS_EC2_ALLOW_FAILED_UNITS:-false}
+    # No defaults here: the NixosDeployment component always passes these, from the config keys
+    # declared (with their defaults) in lib/config.ts.
+    CONNECT_TIMEOUT=${NIXOS_EC2_CONNECT_TIMEOUT_SECONDS:-}
+    ROLLBACK_TIMEOUT=${NIXOS_EC2_ROLLBACK_TIMEOUT_SECONDS:-}
+    ALLOW_FAILED_UNITS=${NIXOS_EC2_ALLOW_FAILED_UNITS:-}
 
     # A leading "-" would turn the address into an ssh option.
     if [[ ! $HOST =~ ^[A-Za-z0-9_.:%][A-Za-z0-9_.:%-]*$ ]]; then
@@ -100,8 +102,11 @@ validate_inputs() {
     if [[ -z $FLAKE_DIR || ! -f $FLAKE_DIR/flake.nix ]]; then
         errors+=("NIXOS_EC2_FLAKE_DIR must be a directory with a flake.nix (got '${FLAKE_DIR}')")
     fi
-    if [[ ! $FLAKE_ATTR =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*$ ]]; then
-        errors+=("NIXOS_EC2_FLAKE_ATTR must name a nixosConfigurations entry: letters, digits, '_', '.', '-' (got '${FLAKE_ATTR}')")
+    # The same pattern as FLAKE_ATTR_PATTERN in lib/config.ts (a test keeps them equal): a Nix
+    # identifier without "'", so that "nixosConfigurations.<attr>" needs no quoting.
+    local flake_attr_pattern='^[A-Za-z_][A-Za-z0-9_-]{0,62}$'
+    if [[ ! $FLAKE_ATTR =~ $flake_attr_pattern ]]; then
+        errors+=("NIXOS_EC2_FLAKE_ATTR (flakeAttr) must name a nixosConfigurations entry: 1-63 letters, digits, '_' and '-', not starting with a digit or '-' (got '${FLAKE_ATTR:0:80}')")
     fi
     if ! is_uint "$CONNECT_TIMEOUT" || ((10#$CONNECT_TIMEOUT < 1)); then
         errors+=("NIXOS_EC2_CONNECT_TIMEOUT_SECONDS (deployConnectTimeoutSeconds) must be a whole number of seconds >= 1 (got '${CONNECT_TIMEOUT}')")

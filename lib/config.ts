@@ -1,10 +1,15 @@
 /**
- * The stack's configuration, parsed and validated in one place before any resource exists.
+ * The stack's configuration: every key declared once (type, default, rules, description), the
+ * rules between keys, and parseSettings, which turns the config Pulumi hands the program into
+ * typed settings or one ConfigError that lists every problem, before any resource exists.
  *
- * Everything here is pure: it takes the raw config strings (as Pulumi hands them to a program)
- * and returns typed settings, or throws one ConfigError listing every problem at once.
+ * Pulumi.yaml's `config:` section and the README's table are made from these declarations
+ * (`npm run config-docs`); a test fails when either differs.
  */
-import { isIPv4, isIPv6 } from "node:net";
+import { closest, distance } from "fastest-levenshtein";
+import { z } from "zod";
+import { networkList, wholeInternetCovered } from "./cidr";
+import { declare, KeyDeclaration, optionalId, readKey, show, trueOrFalse, wholeNumber } from "./configSchema";
 import { NetworkFile } from "./network";
 
 export const PROJECT = "nixos-ec2";
@@ -12,19 +17,180 @@ export const PROJECT = "nixos-ec2";
 /** Owner of the official NixOS AMIs (see the README's security notes). */
 export const NIXOS_AMI_OWNER = "427812963091";
 
-/** The stack on which SSH from the whole internet is refused. */
+/** The stack on which SSH from the whole internet is refused, and some defaults differ. */
 export const PRODUCTION_STACK = "prod";
+
+/**
+ * AWS's default quota of inbound rules per security group, counted separately for IPv4 and IPv6
+ * ("Inbound or outbound rules per security group", Amazon VPC quotas). Each SSH CIDR is one rule;
+ * each public port takes one IPv4 and one IPv6 rule.
+ */
+export const RULES_PER_SECURITY_GROUP = 60;
 
 export type Architecture = "x86_64" | "arm64";
 export type NixSystem = "x86_64-linux" | "aarch64-linux";
 
+const HOST_NAME = /^[a-z][a-z0-9-]{0,30}$/;
+/**
+ * A `nixosConfigurations` entry the deploy can name without quoting: a Nix identifier without `'`
+ * (`.` would be an attribute path). deploy/nixos-deploy.sh holds the same pattern; a test keeps
+ * the two equal.
+ */
+export const FLAKE_ATTR_PATTERN = "^[A-Za-z_][A-Za-z0-9_-]{0,62}$";
+const INSTANCE_TYPE = /^([a-z]+)-?([0-9]+)([a-z0-9-]*)\.([a-z0-9-]+)$/;
+const REGION = /^[a-z]{2}(-[a-z]+)+-[0-9]+$/;
+/** "nixos-ec2-state-" + stack + "-" + 8-character suffix must fit S3's 63-character limit. */
+const STACK_NAME = /^[a-z0-9][a-z0-9-]{0,37}$/;
+
+function schemasOf<T extends Record<string, KeyDeclaration>>(keys: T): { [K in keyof T]: T[K]["schema"] } {
+    return Object.fromEntries(Object.entries(keys).map(([k, d]) => [k, d.schema])) as { [K in keyof T]: T[K]["schema"] };
+}
+
+function hostOverrides() {
+    const settings = Object.keys(HOST_KEYS).join(", ");
+    return z
+        .strictObject(schemasOf(HOST_KEYS), {
+            error: (issue) =>
+                issue.code === "unrecognized_keys" ? `unknown host setting; allowed: ${settings}` : `is not an object; allowed: {} or overrides of ${settings}`,
+        })
+        .partial();
+}
+
+const instanceType = declare({
+    type: "string",
+    default: "t3.small",
+    allowed: "an EC2 instance type: family, generation, attributes, size (e.g. t3.small, t4g.medium, c7g.large)",
+    description:
+        "EC2 instance type of every host. Graviton types (t4g, c7g, m7g, a1, ...) boot the arm64 image and build aarch64-linux; others boot x86_64. " +
+        "1 GiB types (t3.micro) are OOM-killed while evaluating nixpkgs.",
+    schema: (bad) => z.string(bad("is not an EC2 instance type")).regex(INSTANCE_TYPE, bad("is not an EC2 instance type")),
+});
+
+const rootVolumeGiB = declare({
+    type: "integer",
+    default: 20,
+    allowed: "a whole number from 8 to 16384",
+    description: "Root disk size in GiB (gp3, encrypted).",
+    schema: (bad) => wholeNumber(bad, 8, 16384),
+});
+
+const flakeAttr = declare({
+    type: "string",
+    allowed: `a Nix attribute name matching ${FLAKE_ATTR_PATTERN} (letters, digits, _ and -)`,
+    description: "The host's nixosConfigurations entry in nix/flake.nix; the host name by default.",
+    schema: (bad) => z.string(bad("is not a Nix attribute name")).regex(new RegExp(FLAKE_ATTR_PATTERN), bad("is not a Nix attribute name")),
+});
+
+/** What `hosts.<name>` may set: some stack-wide keys for one host, and the host's own. */
+export const HOST_KEYS = { instanceType, rootVolumeGiB, flakeAttr } satisfies Record<string, KeyDeclaration>;
+
+/** The stack-wide keys, in the order of the README's table. */
+export const KEYS = {
+    sshAllowedCidrs: declare({
+        type: "array",
+        allowed: 'a non-empty list of IPv4/IPv6 network CIDRs, each once, e.g. ["203.0.113.0/24", "2001:db8::/32"]',
+        description:
+            "Networks that may reach SSH (TCP 22); every stack must say who may connect. Network addresses only (10.0.0.0/8, not 10.0.0.1/8). " +
+            `On the stack named ${PRODUCTION_STACK}, entries that together cover the whole IPv4 or IPv6 internet are refused.`,
+        schema: networkList,
+    }),
+    instanceType,
+    nixosRelease: declare({
+        type: "string",
+        default: "26.05",
+        allowed: "a NixOS release, YY.05 or YY.11 (e.g. 26.05)",
+        description: "NixOS release whose newest official AMI boots NEW hosts (running hosts are never replaced).",
+        schema: (bad) => z.string(bad("is not a NixOS release")).regex(/^[0-9]{2}\.(05|11)$/, bad("is not a NixOS release")),
+    }),
+    ami: declare({
+        type: "string",
+        default: "",
+        allowed: '"ami-" followed by 8 or 17 lowercase hex digits, or empty for the lookup',
+        description: "Pin an exact AMI ID instead of the lookup of the newest official image; used as given.",
+        schema: (bad) => optionalId(bad, /^ami-([0-9a-f]{8}|[0-9a-f]{17})$/, "is not an AMI ID"),
+    }),
+    rootVolumeGiB,
+    hosts: declare({
+        type: "object",
+        default: {},
+        allowed: 'a map of host names ([a-z][a-z0-9-]{0,30}) to overrides, e.g. {"web": {}, "build": {"instanceType": "c7g.xlarge"}}',
+        description:
+            "The hosts of the stack, each with overrides of the keys marked per host and its flakeAttr. Empty ({}) means one host named after the stack.",
+        schema: (bad) =>
+            z.record(z.string().regex(HOST_NAME), hostOverrides(), {
+                error: (issue) =>
+                    issue.code === "invalid_key"
+                        ? `host name ${show(issue.input)} is not allowed; allowed: [a-z][a-z0-9-]{0,30} (a DNS label)`
+                        : bad("is not an object").error,
+            }),
+    }),
+    elasticIp: declare({
+        type: "boolean",
+        default: false,
+        stackDefaults: { [PRODUCTION_STACK]: true },
+        allowed: "true or false",
+        description: "Give each host an Elastic IP, a public address that survives stop/start.",
+        schema: trueOrFalse,
+    }),
+    terminationProtection: declare({
+        type: "boolean",
+        default: false,
+        stackDefaults: { [PRODUCTION_STACK]: true },
+        allowed: "true or false",
+        description: "Turn on EC2 termination protection for every host.",
+        schema: trueOrFalse,
+    }),
+    vpcId: declare({
+        type: "string",
+        default: "",
+        allowed: '"vpc-" followed by 8 or 17 hex digits, or empty for the default VPC',
+        description: "VPC for the security group. Set together with subnetId.",
+        schema: (bad) => optionalId(bad, /^vpc-([0-9a-f]{8}|[0-9a-f]{17})$/, "is not a VPC ID"),
+    }),
+    subnetId: declare({
+        type: "string",
+        default: "",
+        allowed: '"subnet-" followed by 8 or 17 hex digits, or empty for the default VPC',
+        description: "Subnet (of vpcId) the hosts start in; it must give them a public address. Set together with vpcId.",
+        schema: (bad) => optionalId(bad, /^subnet-([0-9a-f]{8}|[0-9a-f]{17})$/, "is not a subnet ID"),
+    }),
+    deployConnectTimeoutSeconds: declare({
+        type: "integer",
+        default: 600,
+        allowed: "a whole number from 5 to 7200",
+        description: "How long a deploy waits for a host's SSH to come up, in seconds.",
+        schema: (bad) => wholeNumber(bad, 5, 7200),
+    }),
+    rollbackTimeoutSeconds: declare({
+        type: "integer",
+        default: 120,
+        allowed: "a whole number from 30 to 3600",
+        description:
+            "After the build, how long the host waits for the deploy to confirm the new system over a new SSH connection before it rolls itself back, in seconds. " +
+            "It has to cover activation plus the confirmation.",
+        schema: (bad) => wholeNumber(bad, 30, 3600),
+    }),
+    allowFailedUnits: declare({
+        type: "boolean",
+        default: false,
+        allowed: "true or false",
+        description: 'Count a switch that leaves failed systemd units (exit 4, "degraded") as a success.',
+        schema: trueOrFalse,
+    }),
+} satisfies Record<string, KeyDeclaration>;
+
+export type KeyName = keyof typeof KEYS;
+/** Every key's validated value. */
+export type Values = { [K in KeyName]: z.output<(typeof KEYS)[K]["schema"]> };
+
+/** One host: its overrides over the stack-wide values, and what its instance type implies. */
 export interface HostSettings {
     /** DNS-label-like host name; also the resource name suffix. */
     readonly name: string;
     /** `nixosConfigurations.<flakeAttr>` in nix/flake.nix. */
-    readonly flakeAttr: string;
-    readonly instanceType: string;
-    readonly rootVolumeGiB: number;
+    readonly flakeAttr: z.output<typeof flakeAttr.schema>;
+    readonly instanceType: Values["instanceType"];
+    readonly rootVolumeGiB: Values["rootVolumeGiB"];
     /** AMI architecture, from the instance type. */
     readonly architecture: Architecture;
     /** Nix system double, from the instance type. */
@@ -32,25 +198,22 @@ export interface HostSettings {
 }
 
 export interface DeploySettings {
-    readonly connectTimeoutSeconds: number;
-    readonly rollbackTimeoutSeconds: number;
-    readonly allowFailedUnits: boolean;
+    readonly connectTimeoutSeconds: Values["deployConnectTimeoutSeconds"];
+    readonly rollbackTimeoutSeconds: Values["rollbackTimeoutSeconds"];
+    readonly allowFailedUnits: Values["allowFailedUnits"];
 }
 
-export interface Settings {
+/** What the program reads: the keys' values, arranged for the components. */
+export interface Settings extends Pick<Values, "nixosRelease" | "ami" | "elasticIp" | "terminationProtection" | "vpcId" | "subnetId"> {
     readonly stack: string;
     readonly region: string;
+    /** Canonical network CIDRs. */
     readonly sshAllowedCidrs: string[];
-    readonly nixosRelease: string;
-    /** A pinned AMI ID; when absent the newest official image of `nixosRelease` is looked up. */
-    readonly ami?: string;
-    readonly elasticIp: boolean;
-    readonly terminationProtection: boolean;
-    readonly vpcId?: string;
-    readonly subnetId?: string;
     readonly publicTcpPorts: number[];
     readonly hosts: HostSettings[];
     readonly deploy: DeploySettings;
+    /** Config that is not wrong but probably not meant (a key in a misspelt namespace). */
+    readonly warnings: string[];
 }
 
 /** Every configuration problem of a stack, reported together. */
@@ -68,50 +231,6 @@ export class ConfigError extends Error {
     }
 }
 
-/** The project's config keys; any other `nixos-ec2:` key is a typo and is refused. */
-export const CONFIG_KEYS = [
-    "sshAllowedCidrs",
-    "instanceType",
-    "nixosRelease",
-    "ami",
-    "rootVolumeGiB",
-    "hosts",
-    "elasticIp",
-    "terminationProtection",
-    "vpcId",
-    "subnetId",
-    "deployConnectTimeoutSeconds",
-    "rollbackTimeoutSeconds",
-    "allowFailedUnits",
-] as const;
-
-const HOST_OVERRIDE_KEYS = ["instanceType", "rootVolumeGiB", "flakeAttr"];
-
-const DEFAULTS = {
-    instanceType: "t3.small",
-    nixosRelease: "26.05",
-    rootVolumeGiB: 20,
-    deployConnectTimeoutSeconds: 600,
-    rollbackTimeoutSeconds: 120,
-};
-
-export const LIMITS = {
-    rootVolumeGiB: { min: 8, max: 16384 },
-    deployConnectTimeoutSeconds: { min: 5, max: 7200 },
-    rollbackTimeoutSeconds: { min: 30, max: 3600 },
-};
-
-const HOST_NAME = /^[a-z][a-z0-9-]{0,30}$/;
-const FLAKE_ATTR = /^[A-Za-z_][A-Za-z0-9_'-]*$/;
-const INSTANCE_TYPE = /^([a-z]+)-?([0-9]+)([a-z0-9-]*)\.([a-z0-9-]+)$/;
-const NIXOS_RELEASE = /^[0-9]{2}\.(05|11)$/;
-const AMI_ID = /^ami-([0-9a-f]{8}|[0-9a-f]{17})$/;
-const VPC_ID = /^vpc-([0-9a-f]{8}|[0-9a-f]{17})$/;
-const SUBNET_ID = /^subnet-([0-9a-f]{8}|[0-9a-f]{17})$/;
-const REGION = /^[a-z]{2}(-[a-z]+)+-[0-9]+$/;
-/** "nixos-ec2-state-" + stack + "-" + 8-character suffix must fit S3's 63-character limit. */
-const STACK_NAME = /^[a-z0-9][a-z0-9-]{0,37}$/;
-
 /**
  * Graviton instance families carry a `g` among the attributes after the generation
  * (t4g, c7gn, m7gd, im4gn, x8g); `a1` is the first-generation Graviton.
@@ -128,298 +247,152 @@ export function nixSystemOf(architecture: Architecture): NixSystem {
     return architecture === "arm64" ? "aarch64-linux" : "x86_64-linux";
 }
 
-/** A CIDR whose address is the network address itself (no host bits set), as AWS requires. */
-export function cidrProblem(cidr: string): string | undefined {
-    const m = /^([^/]+)\/([0-9]{1,3})$/.exec(cidr);
-    if (!m) return "is not a CIDR (address/prefix)";
-    const [, address, prefixText] = m;
-    const prefix = Number(prefixText);
-    if (isIPv4(address)) {
-        if (prefix > 32) return "has an IPv4 prefix above 32";
-        const bits = address
-            .split(".")
-            .map((o) => Number(o).toString(2).padStart(8, "0"))
-            .join("");
-        if (bits.slice(prefix).includes("1")) return `has host bits set (the network is ${networkOf(bits, prefix, 4)}/${prefix})`;
-        return undefined;
-    }
-    if (isIPv6(address)) {
-        if (prefix > 128) return "has an IPv6 prefix above 128";
-        const bits = ipv6Bits(address);
-        if (bits === undefined) return "is not an IPv4 or IPv6 CIDR";
-        if (bits.slice(prefix).includes("1")) return `has host bits set (the network is ${networkOf(bits, prefix, 6)}/${prefix})`;
-        return undefined;
-    }
-    return "is not an IPv4 or IPv6 CIDR";
-}
-
-function ipv6Bits(address: string): string | undefined {
-    if (address.includes(".")) return undefined; // embedded IPv4 forms are not accepted by security groups
-    const [head, tail] = address.includes("::") ? address.split("::") : [address, undefined];
-    const left = head ? head.split(":") : [];
-    const right = tail ? tail.split(":") : [];
-    const missing = 8 - left.length - right.length;
-    const groups = tail === undefined ? left : [...left, ...Array(missing).fill("0"), ...right];
-    if (groups.length !== 8) return undefined;
-    return groups.map((g) => parseInt(g, 16).toString(2).padStart(16, "0")).join("");
-}
-
-function networkOf(bits: string, prefix: number, family: 4 | 6): string {
-    const masked = bits.slice(0, prefix).padEnd(bits.length, "0");
-    if (family === 4) {
-        return [0, 8, 16, 24].map((i) => parseInt(masked.slice(i, i + 8), 2)).join(".");
-    }
-    const groups = [];
-    for (let i = 0; i < 128; i += 16) groups.push(parseInt(masked.slice(i, i + 16), 2).toString(16));
-    return groups.join(":").replace(/(^|:)0(:0)+(:|$)/, "::");
-}
-
-const WORLD = ["0.0.0.0/0", "::/0"];
-
-/** Raw config: bare project keys (no `nixos-ec2:` prefix) to the strings Pulumi passes a program. */
-export type RawConfig = Readonly<Record<string, string | undefined>>;
-
 /** `instanceType` -> `nixos-ec2:instanceType`; a key with a namespace (`aws:region`) as it is. */
 export function qualifyKey(key: string): string {
     return key.includes(":") ? key : `${PROJECT}:${key}`;
 }
 
-/** The project's own keys of a full config map (`nixos-ec2:hosts` -> `hosts`). */
-export function projectKeys(config: Readonly<Record<string, string>>): RawConfig {
-    const raw: Record<string, string> = {};
-    for (const [key, value] of Object.entries(config)) {
-        if (key.startsWith(`${PROJECT}:`)) raw[key.slice(PROJECT.length + 1)] = value;
+const key = (k: string) => `${PROJECT}:${k}`;
+
+/** Full config keys (`nixos-ec2:hosts`, `aws:region`) to the strings Pulumi hands a program. */
+export type FullConfig = Readonly<Record<string, string>>;
+
+/** The values of the project's keys; undefined where a key has problems (they are in `problems`). */
+function readValues(stack: string, config: FullConfig, problems: string[]): Partial<Values> {
+    const values: Partial<Record<KeyName, unknown>> = {};
+    for (const name of Object.keys(KEYS) as KeyName[]) {
+        const result = readKey(KEYS[name] as KeyDeclaration, key(name), config[key(name)], stack);
+        if (result.ok) values[name] = result.value;
+        else problems.push(...result.problems);
     }
-    return raw;
+    return values as Partial<Values>;
 }
 
-/**
- * Parse and validate. `raw` holds the project's keys without namespace; `region` is `aws:region`;
- * `network` is nix/network.json as read by `readNetworkFile`.
- */
-export function parseSettings(stack: string, raw: RawConfig, region: string | undefined, network: NetworkFile): Settings {
-    const problems: string[] = [...network.problems];
-    const key = (k: string) => `${PROJECT}:${k}`;
-    const value = (k: string): string | undefined => {
-        const v = raw[k];
-        return v === undefined || v === "" ? undefined : v;
-    };
-    const show = (v: unknown) => JSON.stringify(v);
-
-    for (const k of Object.keys(raw)) {
-        if (!(CONFIG_KEYS as readonly string[]).includes(k)) {
-            problems.push(`${key(k)}: unknown key; the project's keys are ${CONFIG_KEYS.join(", ")}`);
+/** Keys of the project's namespace that it does not have, and keys in a misspelt namespace. */
+function strayKeys(config: FullConfig, problems: string[], warnings: string[]): void {
+    const names = Object.keys(KEYS);
+    for (const full of Object.keys(config)) {
+        const at = full.indexOf(":");
+        if (at < 0) continue;
+        const [namespace, name] = [full.slice(0, at), full.slice(at + 1)];
+        if (namespace === PROJECT && !names.includes(name)) {
+            const near = closest(name, names);
+            const hint = distance(name.toLowerCase(), near.toLowerCase()) <= 3 ? `; did you mean ${key(near)}?` : "";
+            problems.push(`${key(name)}: unknown key; the project's keys are ${names.join(", ")}${hint}`);
+        } else if (namespace !== PROJECT && isMisspeltProject(namespace)) {
+            const near = names.includes(name) ? name : closest(name, names);
+            warnings.push(`${full}: ignored, because "${namespace}" is not this project's namespace; did you mean ${key(near)}?`);
         }
     }
+}
 
+function isMisspeltProject(namespace: string): boolean {
+    const squashed = (s: string) => s.toLowerCase().replace(/[^a-z0-9]/g, "");
+    return squashed(namespace) === squashed(PROJECT) || distance(namespace.toLowerCase(), PROJECT) <= 2;
+}
+
+type Rule = (values: Partial<Values>, stack: string, network: NetworkFile) => string[];
+
+/** A rule between keys, checked only once every key it reads is valid (set or defaulted). */
+function rule<K extends KeyName>(keys: readonly K[], check: (values: Pick<Values, K>, stack: string, network: NetworkFile) => string[]): Rule {
+    return (values, stack, network) => (keys.every((k) => k in values) ? check(values as Pick<Values, K>, stack, network) : []);
+}
+
+/** The rules that are not about one key. */
+const RULES: Rule[] = [
+    rule(["vpcId", "subnetId"], function vpcWithSubnet({ vpcId, subnetId }) {
+        if (vpcId === undefined && subnetId === undefined) return [];
+        if (vpcId !== undefined && subnetId !== undefined) return [];
+        const only = vpcId === undefined ? "subnetId" : "vpcId";
+        return [`${key("vpcId")}/${key("subnetId")}: set both (a subnet of that VPC for the hosts) or neither (the default VPC); only ${only} is set`];
+    }),
+    rule(["sshAllowedCidrs"], function noWorldSshOnProd({ sshAllowedCidrs }, stack) {
+        if (stack !== PRODUCTION_STACK) return [];
+        return wholeInternetCovered(sshAllowedCidrs).map((family) => {
+            const alone = sshAllowedCidrs.findIndex((n) => wholeInternetCovered([n]).length > 0 && n.family === family);
+            const what =
+                alone >= 0
+                    ? `${key("sshAllowedCidrs")}[${alone}]: ${show(sshAllowedCidrs[alone].text)} opens`
+                    : `${key("sshAllowedCidrs")}: ${show(sshAllowedCidrs.filter((n) => n.family === family).map((n) => n.text))} together open`;
+            return `${what} SSH to the whole IPv${family} internet, which stack "${PRODUCTION_STACK}" refuses; allowed: the CIDRs of the networks your admins connect from`;
+        });
+    }),
+    rule(["sshAllowedCidrs"], function fitsOneSecurityGroup({ sshAllowedCidrs }, _stack, network) {
+        const room = RULES_PER_SECURITY_GROUP - network.publicTcpPorts.length;
+        return ([4, 6] as const)
+            .filter((family) => sshAllowedCidrs.filter((n) => n.family === family).length > room)
+            .map(
+                (family) =>
+                    `${key("sshAllowedCidrs")}: ${sshAllowedCidrs.filter((n) => n.family === family).length} IPv${family} CIDRs do not fit one security group; ` +
+                    `allowed: at most ${room} (AWS's default ${RULES_PER_SECURITY_GROUP} inbound rules per group and family, less one for each of the ${network.publicTcpPorts.length} public ports)`,
+            );
+    }),
+    rule(["hosts"], function hostsOrHostName({ hosts }, stack) {
+        if (Object.keys(hosts).length > 0 || HOST_NAME.test(stack)) return [];
+        return [
+            `${key("hosts")}: {} (the default) names no host, and the stack name ${show(stack)} is not a host name ([a-z][a-z0-9-]{0,30}); ` +
+                `set ${key("hosts")} to name the hosts, e.g. {"web": {}}`,
+        ];
+    }),
+];
+
+function stackProblems(stack: string, region: string | undefined): string[] {
+    const problems: string[] = [];
     if (!STACK_NAME.test(stack)) {
         problems.push(
             `stack name ${show(stack)}: must be 1-38 characters of a-z, 0-9 and "-", starting with a letter or digit ` +
                 `(it is part of the state bucket's name)`,
         );
     }
+    if (region === undefined || region === "") problems.push(`aws:region: not set; set the AWS region of this stack, e.g. eu-central-1`);
+    else if (!REGION.test(region)) problems.push(`aws:region: ${show(region)} is not an AWS region name (e.g. eu-central-1, us-east-1)`);
+    return problems;
+}
 
-    if (region === undefined || region === "") {
-        problems.push(`aws:region: not set; set the AWS region of this stack, e.g. eu-central-1`);
-    } else if (!REGION.test(region)) {
-        problems.push(`aws:region: ${show(region)} is not an AWS region name (e.g. eu-central-1, us-east-1)`);
-    }
+/** The hosts with the stack-wide values under their overrides, and what their instance types imply. */
+function hostsOf(stack: string, v: Values): HostSettings[] {
+    const entries: Array<[string, Values["hosts"][string]]> = Object.keys(v.hosts).length > 0 ? Object.entries(v.hosts) : [[stack, {}]];
+    return entries.map(([name, overrides]) => {
+        const instanceType = overrides.instanceType ?? v.instanceType;
+        const architecture = architectureOf(instanceType) as Architecture; // the instanceType pattern guarantees one
+        return {
+            name,
+            flakeAttr: overrides.flakeAttr ?? name,
+            instanceType,
+            rootVolumeGiB: overrides.rootVolumeGiB ?? v.rootVolumeGiB,
+            architecture,
+            nixSystem: nixSystemOf(architecture),
+        };
+    });
+}
 
-    const json = (text: string): unknown => {
-        try {
-            return JSON.parse(text);
-        } catch {
-            return Symbol.for("invalid");
-        }
-    };
-
-    // sshAllowedCidrs
-    const sshAllowedCidrs: string[] = [];
-    const cidrsText = value("sshAllowedCidrs");
-    if (cidrsText === undefined) {
-        problems.push(
-            `${key("sshAllowedCidrs")}: not set; list the IPv4/IPv6 CIDRs that may reach SSH (port 22), ` +
-                `e.g. ["203.0.113.7/32"]; there is no default`,
-        );
-    } else {
-        const list = json(cidrsText);
-        if (!Array.isArray(list) || list.length === 0 || !list.every((c) => typeof c === "string")) {
-            problems.push(`${key("sshAllowedCidrs")}: ${cidrsText} is not a non-empty list of CIDR strings, e.g. ["203.0.113.7/32"]`);
-        } else {
-            list.forEach((cidr: string, i: number) => {
-                const problem = cidrProblem(cidr);
-                if (problem) {
-                    problems.push(
-                        `${key("sshAllowedCidrs")}[${i}]: ${show(cidr)} ${problem}; allowed: an IPv4 or IPv6 CIDR such as 203.0.113.0/24 or 2001:db8::/32`,
-                    );
-                } else if (stack === PRODUCTION_STACK && WORLD.includes(cidr)) {
-                    problems.push(
-                        `${key("sshAllowedCidrs")}[${i}]: ${show(cidr)} opens SSH to the whole internet, which stack "${PRODUCTION_STACK}" refuses; ` +
-                            `allowed: the CIDRs of the networks your admins connect from`,
-                    );
-                } else {
-                    sshAllowedCidrs.push(cidr);
-                }
-            });
-        }
-    }
-
-    const instanceTypeProblem = (k: string, v: string) =>
-        architectureOf(v) === undefined
-            ? `${k}: ${show(v)} is not an EC2 instance type (family, generation, attributes, size; e.g. t3.small, t4g.medium, c7g.large)`
-            : undefined;
-
-    const integer = (k: string, text: string, min: number, max: number): number | undefined => {
-        const n = Number(text);
-        if (!/^-?[0-9]+$/.test(text.trim()) || !Number.isSafeInteger(n) || n < min || n > max) {
-            problems.push(`${k}: ${show(text)} is not allowed; allowed: a whole number from ${min} to ${max}`);
-            return undefined;
-        }
-        return n;
-    };
-
-    const boolean = (k: string, fallback: boolean): boolean => {
-        const text = value(k);
-        if (text === undefined) return fallback;
-        if (text === "true" || text === "false") return text === "true";
-        problems.push(`${key(k)}: ${show(text)} is not allowed; allowed: true or false`);
-        return fallback;
-    };
-
-    const instanceType = value("instanceType") ?? DEFAULTS.instanceType;
-    const itProblem = instanceTypeProblem(key("instanceType"), instanceType);
-    if (itProblem) problems.push(itProblem);
-
-    const nixosRelease = value("nixosRelease") ?? DEFAULTS.nixosRelease;
-    if (!NIXOS_RELEASE.test(nixosRelease)) {
-        problems.push(`${key("nixosRelease")}: ${show(nixosRelease)} is not a NixOS release; allowed: YY.05 or YY.11, e.g. 26.05`);
-    }
-
-    const ami = value("ami");
-    if (ami !== undefined && !AMI_ID.test(ami)) {
-        problems.push(`${key("ami")}: ${show(ami)} is not an AMI ID; allowed: "ami-" followed by 8 or 17 lowercase hex digits`);
-    }
-
-    const rootText = value("rootVolumeGiB");
-    const rootVolumeGiB =
-        rootText === undefined
-            ? DEFAULTS.rootVolumeGiB
-            : (integer(key("rootVolumeGiB"), rootText, LIMITS.rootVolumeGiB.min, LIMITS.rootVolumeGiB.max) ?? DEFAULTS.rootVolumeGiB);
-
-    const elasticIp = boolean("elasticIp", false);
-    const terminationProtection = boolean("terminationProtection", false);
-    const allowFailedUnits = boolean("allowFailedUnits", false);
-
-    const vpcId = value("vpcId");
-    const subnetId = value("subnetId");
-    if (vpcId !== undefined && !VPC_ID.test(vpcId)) {
-        problems.push(`${key("vpcId")}: ${show(vpcId)} is not a VPC ID; allowed: "vpc-" followed by 8 or 17 hex digits`);
-    }
-    if (subnetId !== undefined && !SUBNET_ID.test(subnetId)) {
-        problems.push(`${key("subnetId")}: ${show(subnetId)} is not a subnet ID; allowed: "subnet-" followed by 8 or 17 hex digits`);
-    }
-    if ((vpcId === undefined) !== (subnetId === undefined)) {
-        problems.push(
-            `${key("vpcId")}/${key("subnetId")}: set both (a subnet of that VPC for the hosts) or neither (the default VPC); ` +
-                `only ${vpcId === undefined ? "subnetId" : "vpcId"} is set`,
-        );
-    }
-
-    const timeout = (k: "deployConnectTimeoutSeconds" | "rollbackTimeoutSeconds") => {
-        const text = value(k);
-        return text === undefined ? DEFAULTS[k] : (integer(key(k), text, LIMITS[k].min, LIMITS[k].max) ?? DEFAULTS[k]);
-    };
-    const connectTimeoutSeconds = timeout("deployConnectTimeoutSeconds");
-    const rollbackTimeoutSeconds = timeout("rollbackTimeoutSeconds");
-
-    // hosts
-    const hosts: HostSettings[] = [];
-    const host = (name: string, overrides: Record<string, unknown>, where: string) => {
-        let ok = true;
-        for (const k of Object.keys(overrides)) {
-            if (!HOST_OVERRIDE_KEYS.includes(k)) {
-                problems.push(`${where}.${k}: unknown host setting; allowed: ${HOST_OVERRIDE_KEYS.join(", ")}`);
-                ok = false;
-            }
-        }
-        let hostType = instanceType;
-        if (overrides.instanceType !== undefined) {
-            const p =
-                typeof overrides.instanceType === "string"
-                    ? instanceTypeProblem(`${where}.instanceType`, overrides.instanceType)
-                    : `${where}.instanceType: ${show(overrides.instanceType)} is not an EC2 instance type (e.g. t3.small)`;
-            if (p) {
-                problems.push(p);
-                ok = false;
-            } else {
-                hostType = overrides.instanceType as string;
-            }
-        }
-        let hostVolume = rootVolumeGiB;
-        if (overrides.rootVolumeGiB !== undefined) {
-            const v = integer(`${where}.rootVolumeGiB`, String(overrides.rootVolumeGiB), LIMITS.rootVolumeGiB.min, LIMITS.rootVolumeGiB.max);
-            if (v === undefined) ok = false;
-            else hostVolume = v;
-        }
-        let flakeAttr = name;
-        if (overrides.flakeAttr !== undefined) {
-            if (typeof overrides.flakeAttr !== "string" || !FLAKE_ATTR.test(overrides.flakeAttr)) {
-                problems.push(`${where}.flakeAttr: ${show(overrides.flakeAttr)} is not a Nix attribute name (letters, digits, _, ', -; not starting with a digit)`);
-                ok = false;
-            } else {
-                flakeAttr = overrides.flakeAttr;
-            }
-        }
-        const architecture = architectureOf(hostType);
-        if (ok && architecture !== undefined) {
-            hosts.push({ name, flakeAttr, instanceType: hostType, rootVolumeGiB: hostVolume, architecture, nixSystem: nixSystemOf(architecture) });
-        }
-    };
-
-    const hostsText = value("hosts");
-    if (hostsText === undefined) {
-        if (HOST_NAME.test(stack)) {
-            host(stack, {}, key("hosts"));
-        } else {
-            problems.push(
-                `${key("hosts")}: not set, and the stack name ${show(stack)} is not a host name ([a-z][a-z0-9-]{0,30}); ` +
-                    `set ${key("hosts")} to name the hosts, e.g. {"web": {}}`,
-            );
-        }
-    } else {
-        const map = json(hostsText);
-        if (typeof map !== "object" || map === null || Array.isArray(map)) {
-            problems.push(`${key("hosts")}: ${hostsText} is not an object; allowed: a map of host name to overrides, e.g. {"web": {"instanceType": "t3.medium"}}`);
-        } else if (Object.keys(map).length === 0) {
-            problems.push(`${key("hosts")}: {} names no host; allowed: a map of at least one host name to overrides, e.g. {"web": {}}`);
-        } else {
-            for (const [name, overrides] of Object.entries(map as Record<string, unknown>)) {
-                const where = `${key("hosts")}.${name}`;
-                if (!HOST_NAME.test(name)) {
-                    problems.push(`${key("hosts")}: host name ${show(name)} is not allowed; allowed: [a-z][a-z0-9-]{0,30} (a DNS label)`);
-                } else if (overrides === null || typeof overrides !== "object" || Array.isArray(overrides)) {
-                    problems.push(`${where}: ${show(overrides)} is not an object; allowed: {} or overrides of ${HOST_OVERRIDE_KEYS.join(", ")}`);
-                } else {
-                    host(name, overrides as Record<string, unknown>, where);
-                }
-            }
-        }
-    }
-
+/**
+ * Parse and validate the config Pulumi hands the program (full keys, as `allConfig()` returns
+ * them); `network` is nix/network.json as read by `readNetworkFile`.
+ */
+export function parseSettings(stack: string, config: FullConfig, network: NetworkFile): Settings {
+    const region = config["aws:region"];
+    const problems = [...network.problems, ...stackProblems(stack, region)];
+    const warnings: string[] = [];
+    strayKeys(config, problems, warnings);
+    const values = readValues(stack, config, problems);
+    for (const rule of RULES) problems.push(...rule(values, stack, network));
     if (problems.length > 0) throw new ConfigError(stack, problems);
 
+    const v = values as Values;
     return {
         stack,
-        region: region as string,
-        sshAllowedCidrs,
-        nixosRelease,
-        ami,
-        elasticIp,
-        terminationProtection,
-        vpcId,
-        subnetId,
+        region,
+        sshAllowedCidrs: v.sshAllowedCidrs.map((n) => n.cidr),
+        nixosRelease: v.nixosRelease,
+        ami: v.ami,
+        elasticIp: v.elasticIp,
+        terminationProtection: v.terminationProtection,
+        vpcId: v.vpcId,
+        subnetId: v.subnetId,
         publicTcpPorts: network.publicTcpPorts,
-        hosts,
-        deploy: { connectTimeoutSeconds, rollbackTimeoutSeconds, allowFailedUnits },
+        hosts: hostsOf(stack, v),
+        deploy: { connectTimeoutSeconds: v.deployConnectTimeoutSeconds, rollbackTimeoutSeconds: v.rollbackTimeoutSeconds, allowFailedUnits: v.allowFailedUnits },
+        warnings,
     };
 }

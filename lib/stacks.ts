@@ -6,7 +6,7 @@
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import * as path from "node:path";
 import * as yaml from "js-yaml";
-import { parseSettings, projectKeys, qualifyKey, Settings } from "./config";
+import { parseSettings, qualifyKey, Settings } from "./config";
 import { readNetworkFile } from "./network";
 
 export const PROJECT_DIR = path.join(__dirname, "..");
@@ -27,6 +27,24 @@ function asConfigString(v: unknown): string {
     return typeof v === "string" ? v : JSON.stringify(v);
 }
 
+/** A project or stack file that is not valid YAML: the file and line, without a stack trace. */
+export class StackFileError extends Error {
+    constructor(message: string) {
+        super(message);
+        this.name = "StackFileError";
+    }
+}
+
+function readYaml(file: string): unknown {
+    try {
+        return yaml.load(readFileSync(file, "utf8"), { filename: path.basename(file) });
+    } catch (e) {
+        if (!(e instanceof yaml.YAMLException)) throw e;
+        const at = e.mark ? `:${e.mark.line + 1}:${e.mark.column + 1}` : "";
+        throw new StackFileError(`${path.basename(file)}${at}: not valid YAML: ${e.reason}`);
+    }
+}
+
 export class UnknownStackError extends Error {
     constructor(stack: string, known: string[]) {
         super(`unknown stack ${JSON.stringify(stack)}: there is no Pulumi.${stack}.yaml; the stacks are ${known.join(", ")}`);
@@ -42,7 +60,7 @@ export function loadStackConfig(stack: string, overrides: Record<string, string>
     const stackFile = path.join(dir, `Pulumi.${stack}.yaml`);
     if (!existsSync(stackFile)) throw new UnknownStackError(stack, listStacks(dir));
 
-    const project = yaml.load(readFileSync(path.join(dir, "Pulumi.yaml"), "utf8")) as {
+    const project = readYaml(path.join(dir, "Pulumi.yaml")) as {
         config?: Record<string, { default?: unknown } | unknown>;
     };
     const config: StackConfig = {};
@@ -51,14 +69,14 @@ export function loadStackConfig(stack: string, overrides: Record<string, string>
             config[qualifyKey(key)] = asConfigString((declaration as { default: unknown }).default);
         }
     }
-    const stackYaml = yaml.load(readFileSync(stackFile, "utf8")) as { config?: Record<string, unknown> } | null;
+    const stackYaml = readYaml(stackFile) as { config?: Record<string, unknown> } | null;
     for (const [key, v] of Object.entries(stackYaml?.config ?? {})) config[qualifyKey(key)] = asConfigString(v);
     for (const [key, v] of Object.entries(overrides)) config[qualifyKey(key)] = v;
     return config;
 }
 
-/** The validated settings of `stack`, as the program would see them (throws ConfigError). */
+/** The validated settings of `stack`, as the program would see them (throws ConfigError or StackFileError). */
 export function loadSettings(stack: string, overrides: Record<string, string> = {}, dir: string = PROJECT_DIR): Settings {
     const config = loadStackConfig(stack, overrides, dir);
-    return parseSettings(stack, projectKeys(config), config["aws:region"], readNetworkFile(path.join(dir, "nix", "network.json")));
+    return parseSettings(stack, config, readNetworkFile(path.join(dir, "nix", "network.json")));
 }

@@ -260,6 +260,16 @@ describe("failures", () => {
         expect(r.stderr).toMatch(/^nixos-ec2: stack "prod" has 2 configuration errors; nothing was created:\n/);
     });
 
+    it("a key in a misspelt namespace is previewed without it, with a warning on stderr that names the likely key", () => {
+        const r = preview("staging", "--config", "nixosec2:instanceType=t3.large");
+        expect(r.status).toBe(0);
+        expect(r.stderr).toBe(
+            'warning: [runtime] nixosec2:instanceType: ignored, because "nixosec2" is not this project\'s namespace; did you mean nixos-ec2:instanceType?\n',
+        );
+        expect(r.stdout).toContain("instanceType: t3.small");
+        expect(r.stdout).not.toContain("t3.large");
+    });
+
     it("an unknown stack exits 2 and names the stacks there are", () => {
         const r = preview("qa");
         expect(r.status).toBe(2);

@@ -26,7 +26,9 @@ describe("the stacks in the repository", () => {
         const config = loadStackConfig("prod", { instanceType: "t3.large", "aws:region": "us-east-1" });
         expect(config["nixos-ec2:instanceType"]).toBe("t3.large");
         expect(config["nixos-ec2:rootVolumeGiB"]).toBe("20");
-        expect(config["nixos-ec2:elasticIp"]).toBe("true");
+        expect(config["nixos-ec2:hosts"]).toBe("{}");
+        // Per-stack defaults are not in Pulumi.yaml (a declared default would apply to every stack).
+        expect(config["nixos-ec2:elasticIp"]).toBeUndefined();
         expect(config["aws:region"]).toBe("us-east-1");
         expect(JSON.parse(config["nixos-ec2:sshAllowedCidrs"])).toEqual(["203.0.113.0/24"]);
     });
@@ -35,7 +37,7 @@ describe("the stacks in the repository", () => {
         // The CLI applies the schema defaults; the program falls back to its own when a key is unset.
         const { "nixos-ec2:sshAllowedCidrs": cidrs, "aws:region": region } = loadStackConfig("staging");
         const withSchemaDefaults = loadSettings("staging");
-        const withoutThem = parseSettings("staging", { sshAllowedCidrs: cidrs }, region, readNetworkFile());
+        const withoutThem = parseSettings("staging", { "nixos-ec2:sshAllowedCidrs": cidrs, "aws:region": region }, readNetworkFile());
         expect(withoutThem).toEqual(withSchemaDefaults);
     });
 
@@ -68,7 +70,7 @@ describe("a bad configuration", () => {
         const { error, registered } = await attempt({ sshAllowedCidrs: '["0.0.0.0/0"]', rootVolumeGiB: "4" });
         expect(error).toMatchObject({ name: "ConfigError" });
         expect((error as Error).message).toMatch(
-            /^nixos-ec2: stack "prod" has 2 configuration errors; nothing was created:\n  - nixos-ec2:sshAllowedCidrs\[0\]: "0\.0\.0\.0\/0" opens SSH[^\n]*\n  - nixos-ec2:rootVolumeGiB: "4" is not allowed/,
+            /^nixos-ec2: stack "prod" has 2 configuration errors; nothing was created:\n  - nixos-ec2:rootVolumeGiB: "4" is not allowed[^\n]*\n  - nixos-ec2:sshAllowedCidrs\[0\]: "0\.0\.0\.0\/0" opens SSH/,
         );
         expect(registered).toEqual([]);
     });

@@ -10,7 +10,7 @@
  */
 import { ConfigError, qualifyKey } from "../lib/config";
 import { runOffline } from "../lib/offline";
-import { loadStackConfig, PROJECT_DIR, UnknownStackError } from "../lib/stacks";
+import { loadStackConfig, PROJECT_DIR, StackFileError, UnknownStackError } from "../lib/stacks";
 import { buildReport, renderJson, renderText } from "./previewReport";
 
 export const EXIT = { ok: 0, config: 1, usage: 2, failure: 3 } as const;
@@ -109,6 +109,7 @@ async function main(argv: readonly string[]): Promise<void> {
         config = loadStackConfig(args.stack, args.overrides);
     } catch (e) {
         if (e instanceof UnknownStackError) return finish(process.stderr, `preview: ${e.message}\n`, EXIT.usage);
+        if (e instanceof StackFileError) return finish(process.stderr, `preview: ${e.message}\n`, EXIT.config);
         throw e;
     }
 

@@ -1,0 +1,88 @@
+/**
+ * CIDRs as networks, not as text: parsed with ipaddr.js, so that every spelling of a network
+ * (`0::/0`, `::0/0`, `2001:0db8::/32`) is the same network, and the prod guard compares ranges.
+ */
+import * as ipaddr from "ipaddr.js";
+import { z } from "zod";
+import { Bad, show } from "./configSchema";
+
+export interface Network {
+    readonly family: 4 | 6;
+    /** As written. */
+    readonly text: string;
+    /** Canonical text (RFC 5952 for IPv6), as AWS stores it. */
+    readonly cidr: string;
+    readonly first: bigint;
+    readonly last: bigint;
+}
+
+const BITS = { 4: 32, 6: 128 } as const;
+
+/** A network, or the problem with the text (a phrase that follows the quoted value). */
+export function parseNetwork(text: string): Network | string {
+    const m = /^([^/]*)\/([0-9]{1,3})$/.exec(text);
+    if (!m) return "is not a CIDR (address/prefix)";
+    const [, address, prefixText] = m;
+    if (address.includes("%")) return "has a zone ID (%...), which security group rules do not take";
+    if (!/^(0|[1-9][0-9]*)$/.test(prefixText)) return "has a prefix with a leading zero";
+    const prefix = Number(prefixText);
+    let family: 4 | 6;
+    if (ipaddr.IPv4.isValidFourPartDecimal(address)) family = 4;
+    else if (ipaddr.IPv6.isValid(address)) family = 6;
+    else if (ipaddr.IPv4.isValid(address)) return "is not written as four decimal numbers (a.b.c.d, no leading zeros)";
+    else return "is not an IPv4 or IPv6 CIDR";
+    if (prefix > BITS[family]) return `has an IPv${family} prefix above ${BITS[family]}`;
+
+    const parsed = ipaddr.parse(address);
+    if (parsed.kind() === "ipv6") {
+        const v6 = parsed as ipaddr.IPv6;
+        if (address.includes(".")) return "embeds an IPv4 address, which security group rules do not take; write the IPv4 CIDR instead";
+        if (v6.range() === "ipv4Mapped" && prefix >= 96) {
+            return `is an IPv4-mapped network, which never matches IPv6 traffic; write the IPv4 CIDR ${v6.toIPv4Address().toString()}/${prefix - 96} instead`;
+        }
+    }
+    const network = ipaddr.parseCIDR(`${address}/${prefix}`);
+    const base = (family === 4 ? ipaddr.IPv4 : ipaddr.IPv6).networkAddressFromCIDR(`${address}/${prefix}`);
+    const first = toBigInt(base.toByteArray());
+    if (first !== toBigInt(network[0].toByteArray())) return `has host bits set (the network is ${base.toString()}/${prefix})`;
+    const size = 1n << BigInt(BITS[family] - prefix);
+    return { family, text, cidr: `${base.toString()}/${prefix}`, first, last: first + size - 1n };
+}
+
+function toBigInt(bytes: number[]): bigint {
+    return bytes.reduce((n, b) => (n << 8n) | BigInt(b), 0n);
+}
+
+/** The families (4, 6) whose whole address space the networks cover together. */
+export function wholeInternetCovered(networks: readonly Network[]): Array<4 | 6> {
+    const covered: Array<4 | 6> = [];
+    for (const family of [4, 6] as const) {
+        const ranges = networks.filter((n) => n.family === family).sort((a, b) => (a.first < b.first ? -1 : a.first > b.first ? 1 : 0));
+        let next = 0n; // the lowest address not yet covered
+        for (const r of ranges) {
+            if (r.first > next) break;
+            if (r.last + 1n > next) next = r.last + 1n;
+        }
+        if (next === 1n << BigInt(BITS[family])) covered.push(family);
+    }
+    return covered;
+}
+
+/** Parsed networks; each problem is reported at its entry, and the list's own rules after. */
+export function networkList(bad: Bad) {
+    const problem = "is not a non-empty list of CIDR strings";
+    return z
+        .array(z.string(bad("is not a CIDR string")), bad(problem))
+        .min(1, bad(problem))
+        .transform((list, ctx) => {
+            const networks: Network[] = [];
+            list.forEach((text, i) => {
+                const parsed = parseNetwork(text);
+                const twin = typeof parsed === "string" ? undefined : networks.find((n) => n.cidr === parsed.cidr);
+                const why = typeof parsed === "string" ? parsed : twin ? `is the same network as ${show(twin.text)}, listed before it` : undefined;
+                if (why) ctx.addIssue({ code: "custom", path: [i], input: text, message: bad(why).error });
+                else networks.push(parsed as Network);
+            });
+            return networks;
+        });
+}
