@@ -19,6 +19,7 @@ import { SecretValue } from "../lib/offline";
 import { loadSettings, PROJECT_DIR } from "../lib/stacks";
 import type { PreviewReport, ResourceNode } from "../tools/previewReport";
 import { previewNodeArgs } from "../tools/previewCommand";
+import { RULES } from "../policy/rules";
 import { runProgram } from "./support/program";
 
 const GOLDEN_DIR = path.join(__dirname, "golden");
@@ -90,7 +91,7 @@ describe.each(["staging", "prod"])("npm run preview -- %s", (stack) => {
         expect(normalized).toBe(readFileSync(golden, "utf8"));
     });
 
-    it("starts with the offline banner and ends with the count by type", () => {
+    it("starts with the offline banner, then the count by type, and ends with the policy section: every rule passed", () => {
         const lines = text.trimEnd().split("\n");
         expect(lines[0]).toBe(
             `Offline preview of stack "${stack}": the program ran under Pulumi's mock runtime with this stack's configuration; ` +
@@ -98,7 +99,12 @@ describe.each(["staging", "prod"])("npm run preview -- %s", (stack) => {
         );
         const countsAt = lines.indexOf(`Resources by type (${report.resourceTotal}, of which 5 components):`);
         expect(countsAt).toBeGreaterThan(0);
-        expect(lines.slice(countsAt + 1)).toEqual(Object.entries(report.resourceCounts).map(([type, n]) => `  ${n}  ${type}`));
+        const policyAt = lines.indexOf(`Policy pack nixos-ec2 (policy/): ${report.policy.checked.length} rules checked, 0 violations (0 mandatory)`);
+        expect(policyAt).toBeGreaterThan(countsAt);
+        expect(lines.slice(countsAt + 1, policyAt - 1)).toEqual(Object.entries(report.resourceCounts).map(([type, n]) => `  ${n}  ${type}`));
+        expect(lines.slice(policyAt + 1)).toEqual(["  every rule passed"]);
+        expect(report.policy).toEqual({ checked: RULES.map((r) => r.policy.name), violations: [], skipped: [] });
+        expect(report.policy.checked).toHaveLength(12);
     });
 
     it("--json holds the same resources as the text, as a tree of components and children", () => {
@@ -268,6 +274,33 @@ describe("failures", () => {
         );
         expect(r.stdout).toContain("instanceType: t3.small");
         expect(r.stdout).not.toContain("t3.large");
+    });
+
+    it("a program that breaks mandatory rules prints the whole preview and exits 4, its violations in the policy section", () => {
+        const r = preview("prod", "--program", "test/fixtures/policyViolations.ts");
+        expect(r.stderr).toBe("");
+        expect(r.status).toBe(4);
+        const section = r.stdout.slice(r.stdout.indexOf("\nPolicy pack nixos-ec2"));
+        expect(r.stdout.indexOf("Resources by type (4, of which 0 components):")).toBeGreaterThan(0);
+        expect(section.split("\n").slice(1, 3)).toEqual([
+            "Policy pack nixos-ec2 (policy/): 12 rules checked, 15 violations (11 mandatory)",
+            '  mandatory ec2-imdsv2-required on Instance legacy: metadataOptions.httpTokens is "optional"; it must be "required" (IMDSv2)',
+        ]);
+        for (const rule of ["ebs-encrypted", "ssh-from-named-networks-prod", "egress-http-https-only", "s3-bucket-private", "s3-bucket-versioned", "s3-bucket-kms-encrypted", "s3-bucket-tls-only", "kms-key-rotation", "user-data-host-key-only"]) {
+            expect(section).toMatch(new RegExp(`^  mandatory ${rule} on `, "m"));
+        }
+        expect(section).toContain("  advisory tags-on-everything on Key unrotated: tag Project is undefined");
+        expect(section).not.toContain("ssh-from-named-networks on");
+    });
+
+    it("the same program on staging reports world SSH as advisory", () => {
+        const r = preview("staging", "--program", "test/fixtures/policyViolations.ts", "--json");
+        expect(r.status).toBe(4);
+        const report = JSON.parse(r.stdout) as PreviewReport;
+        const ssh = report.policy.violations.filter((v) => v.policy.startsWith("ssh-from-named-networks"));
+        expect(ssh).toEqual([
+            { policy: "ssh-from-named-networks", level: "advisory", resource: "SecurityGroup open", message: "SSH (TCP 22) is open to the whole IPv4 internet; allow only named networks" },
+        ]);
     });
 
     it("an unknown stack exits 2 and names the stacks there are", () => {

@@ -1,18 +1,22 @@
 /**
  * Makes Pulumi.yaml's `config:` section and the README's configuration table from the key
- * declarations in lib/config.ts. `npm run config-docs` writes both; test/configDocs.test.ts fails
- * when a committed file differs from what this makes.
+ * declarations in lib/config.ts, and the README's policy table from policy/rules.ts.
+ * `npm run config-docs` writes them; test/configDocs.test.ts fails when a committed file differs
+ * from what this makes.
  */
 import { readFileSync, writeFileSync } from "node:fs";
 import * as path from "node:path";
 import * as yaml from "js-yaml";
 import { HOST_KEYS, KEYS, PROJECT } from "../lib/config";
 import { KeyDeclaration } from "../lib/configSchema";
+import { RULES } from "../policy/rules";
 
 export const PULUMI_YAML = path.join(__dirname, "..", "Pulumi.yaml");
 export const README = path.join(__dirname, "..", "README.md");
 export const TABLE_START = "<!-- config-table: made by `npm run config-docs` from lib/config.ts -->";
 export const TABLE_END = "<!-- config-table end -->";
+export const POLICY_START = "<!-- policy-table: made by `npm run config-docs` from policy/rules.ts -->";
+export const POLICY_END = "<!-- policy-table end -->";
 
 const CONFIG_HEADER = [
     "# Made by `npm run config-docs` from the declarations in lib/config.ts: change them there.",
@@ -84,18 +88,31 @@ export function renderReadmeTable(): string {
     ].join("\n");
 }
 
-/** The files as they should be: Pulumi.yaml with its config section, the README with its table. */
+/** The README's table of the policy pack's rules, between its markers. */
+export function renderPolicyTable(): string {
+    const rows = RULES.map(({ policy, scanners, why }) => {
+        const summary = policy.description.replace(/ \(checkov .*\)$/, "");
+        return `| \`${policy.name}\` | ${cell(summary)} | ${policy.enforcementLevel} | ${cell(scanners.checkov)} | ${cell(scanners.trivy)} | ${cell(scanners.securityHub)} | ${cell(why)} |`;
+    });
+    return [POLICY_START, "| rule | what it checks | level | checkov | trivy | Security Hub | why |", "| --- | --- | --- | --- | --- | --- | --- |", ...rows, POLICY_END].join("\n");
+}
+
+/** `text` with what stands between `start` and `end` replaced by `block` (markers included). */
+function between(text: string, start: string, end: string, block: string, file: string): string {
+    const from = text.indexOf(start);
+    const to = text.indexOf(end);
+    if (from < 0 || to < from) throw new Error(`${file} has no markers ${start} ... ${end}`);
+    return `${text.slice(0, from)}${block}${text.slice(to + end.length)}`;
+}
+
+/** The files as they should be: Pulumi.yaml with its config section, the README with its tables. */
 export function renderedFiles(): Record<string, string> {
     const pulumiYaml = readFileSync(PULUMI_YAML, "utf8");
     const head = pulumiYaml.split(/^(?:# Made by `npm run config-docs`.*\n)?config:$/m)[0];
-    const readme = readFileSync(README, "utf8");
-    const start = readme.indexOf(TABLE_START);
-    const end = readme.indexOf(TABLE_END);
-    if (start < 0 || end < start) throw new Error(`README.md has no config table markers (${TABLE_START} ... ${TABLE_END})`);
-    return {
-        [PULUMI_YAML]: `${head}${renderPulumiConfig()}`,
-        [README]: `${readme.slice(0, start)}${renderReadmeTable()}${readme.slice(end + TABLE_END.length)}`,
-    };
+    let readme = readFileSync(README, "utf8");
+    readme = between(readme, TABLE_START, TABLE_END, renderReadmeTable(), "README.md");
+    readme = between(readme, POLICY_START, POLICY_END, renderPolicyTable(), "README.md");
+    return { [PULUMI_YAML]: `${head}${renderPulumiConfig()}`, [README]: readme };
 }
 
 if (require.main === module) {

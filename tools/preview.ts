@@ -5,15 +5,21 @@
  * prints the resource tree, the stack outputs and a count by type. Same input, same bytes, so
  * two previews can be diffed.
  *
+ * It then checks the resources against the policy pack's rules (policy/rules.ts) and prints a
+ * policy section.
+ *
  * Exit status: 0 printed a preview; 1 the configuration is wrong (only its errors are printed,
- * on stderr); 2 bad arguments or an unknown stack; 3 the program failed some other way.
+ * on stderr); 2 bad arguments or an unknown stack; 3 the program failed some other way; 4 printed
+ * a preview in which a mandatory policy is violated (`pulumi up --policy-pack policy` would stop).
  */
+import * as path from "node:path";
 import { ConfigError, qualifyKey } from "../lib/config";
 import { runOffline } from "../lib/offline";
 import { loadStackConfig, PROJECT_DIR, StackFileError, UnknownStackError } from "../lib/stacks";
+import { blocks, checkPolicies } from "./policyCheck";
 import { buildReport, renderJson, renderText } from "./previewReport";
 
-export const EXIT = { ok: 0, config: 1, usage: 2, failure: 3 } as const;
+export const EXIT = { ok: 0, config: 1, usage: 2, failure: 3, policy: 4 } as const;
 
 const DEFAULT_STACK = "staging";
 
@@ -26,6 +32,8 @@ const USAGE = `usage: npm run preview -- [STACK] [--config KEY=VALUE]... [--json
                         aws:region=... works too. VALUE is taken as written: JSON for lists and
                         maps, e.g. --config 'hosts={"web":{},"db":{}}'
   --json                print the preview as one JSON document
+  --program FILE        preview another Pulumi program with the stack's configuration
+                        (default: index.ts); for trying a change or a fork against the policy pack
   -h, --help            print this help
 `;
 
@@ -35,6 +43,8 @@ export interface PreviewArgs {
     readonly overrides: Record<string, string>;
     readonly json: boolean;
     readonly help: boolean;
+    /** The program to run; the project's index.ts when absent. */
+    readonly program?: string;
 }
 
 export class UsageError extends Error {
@@ -51,6 +61,7 @@ export function parseArgs(argv: readonly string[]): PreviewArgs {
     const overrides: Record<string, string> = {};
     let json = false;
     let help = false;
+    let program: string | undefined;
 
     const override = (pair: string | undefined) => {
         if (pair === undefined) throw new UsageError("--config needs KEY=VALUE");
@@ -68,11 +79,15 @@ export function parseArgs(argv: readonly string[]): PreviewArgs {
         else if (arg === "-h" || arg === "--help") help = true;
         else if (arg === "-c" || arg === "--config") override(argv[++i]);
         else if (arg.startsWith("--config=")) override(arg.slice("--config=".length));
+        else if (arg === "--program") {
+            program = argv[++i];
+            if (program === undefined) throw new UsageError("--program needs a FILE");
+        }
         else if (arg.startsWith("-")) throw new UsageError(`unknown option ${JSON.stringify(arg)}`);
         else if (stack !== undefined) throw new UsageError(`one stack at a time: got ${JSON.stringify(stack)} and ${JSON.stringify(arg)}`);
         else stack = arg;
     }
-    return { stack: stack ?? DEFAULT_STACK, overrides, json, help };
+    return { stack: stack ?? DEFAULT_STACK, overrides, json, help, program };
 }
 
 /**
@@ -102,6 +117,7 @@ async function main(argv: readonly string[]): Promise<void> {
     if (args.help) return finish(process.stdout, USAGE, EXIT.ok);
 
     // The program names files relative to the project (the deploy hashes "nix"), as under `pulumi up`.
+    const invokedFrom = process.cwd();
     process.chdir(PROJECT_DIR);
 
     let config;
@@ -117,7 +133,7 @@ async function main(argv: readonly string[]): Promise<void> {
     const stackTraceLimit = Error.stackTraceLimit;
     if (!stackTracesAsked()) Error.stackTraceLimit = 0;
     try {
-        run = await runOffline({ stack: args.stack, config });
+        run = await runOffline({ stack: args.stack, config, program: args.program && path.resolve(invokedFrom, args.program) });
     } catch (e) {
         if (e instanceof ConfigError) return finish(process.stderr, `${e.message}\n`, EXIT.config);
         throw e;
@@ -133,11 +149,10 @@ async function main(argv: readonly string[]): Promise<void> {
         );
     }
 
-    const report = buildReport(
-        run,
-        Object.keys(args.overrides).map(qualifyKey),
-    );
-    finish(process.stdout, args.json ? renderJson(report) : renderText(report), EXIT.ok);
+    const policy = await checkPolicies(run);
+    const report = buildReport(run, Object.keys(args.overrides).map(qualifyKey), policy);
+    // The whole preview prints either way; a mandatory violation gets its own status, as it stops `pulumi up`.
+    finish(process.stdout, args.json ? renderJson(report) : renderText(report), policy.violations.some(blocks) ? EXIT.policy : EXIT.ok);
 }
 
 if (require.main === module) {

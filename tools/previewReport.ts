@@ -10,6 +10,7 @@
  */
 import type { OfflineRun, RecordedResource } from "../lib/offline";
 import { SecretValue } from "../lib/offline";
+import type { PolicyResult } from "./policyCheck";
 
 /** A secret, wherever it was; carries nothing of its value. */
 export const REDACTED: { toJSON(): string } = Object.freeze({ toJSON: () => "[secret]" });
@@ -50,6 +51,8 @@ export interface PreviewReport {
     readonly resourceTotal: number;
     /** How many of them are components. */
     readonly componentTotal: number;
+    /** The policy pack's rules (policy/rules.ts) against these resources. */
+    readonly policy: PolicyResult;
 }
 
 /** Byte order, not locale order: the same on every machine. */
@@ -92,7 +95,7 @@ function present(value: unknown, rewrite: (s: string) => string, sortKeys: boole
     return value;
 }
 
-export function buildReport(run: OfflineRun, overrides: string[] = []): PreviewReport {
+export function buildReport(run: OfflineRun, overrides: string[], policy: PolicyResult): PreviewReport {
     const rewrite = placeholderRewriter(run.standIns);
     const byUrn = new Map(run.resources.map((r) => [r.urn, r]));
     const order = (a: RecordedResource, b: RecordedResource) => compare(a.type, b.type) || compare(a.name, b.name);
@@ -147,6 +150,7 @@ export function buildReport(run: OfflineRun, overrides: string[] = []): PreviewR
         resourceCounts,
         resourceTotal: run.resources.length,
         componentTotal: run.resources.filter((r) => !r.custom).length,
+        policy,
     };
 }
 
@@ -285,7 +289,19 @@ export function renderText(report: PreviewReport): string {
     lines.push("", `Resources by type (${report.resourceTotal}, of which ${report.componentTotal} components):`);
     const width = String(Math.max(...Object.values(report.resourceCounts), 0)).length;
     for (const [type, count] of Object.entries(report.resourceCounts)) lines.push(`  ${String(count).padStart(width)}  ${type}`);
+
+    lines.push(...policyLines(report.policy));
     return `${lines.join("\n")}\n`;
+}
+
+function policyLines(policy: PolicyResult): string[] {
+    const { checked, violations, skipped } = policy;
+    const mandatory = violations.filter((v) => v.level === "mandatory" || v.level === "remediate").length;
+    const lines = ["", `Policy pack nixos-ec2 (policy/): ${checked.length} rules checked, ${violations.length} violations (${mandatory} mandatory)`];
+    for (const v of violations) lines.push(`  ${v.level} ${v.policy}${v.resource ? ` on ${v.resource}` : ""}: ${v.message}`);
+    for (const s of skipped) lines.push(`  skipped ${s.policy}${s.resource ? ` on ${s.resource}` : ""}: ${s.reason}`);
+    if (violations.length === 0 && skipped.length === 0) lines.push("  every rule passed");
+    return lines;
 }
 
 export function renderJson(report: PreviewReport): string {
