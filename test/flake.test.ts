@@ -1,5 +1,4 @@
-import { cpSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { cpSync, readFileSync, writeFileSync } from "node:fs";
 import * as path from "node:path";
 import { readNetworkFile } from "../lib/network";
 import { listStacks, loadSettings } from "../lib/stacks";
@@ -17,6 +16,7 @@ import {
     publicPortsOfSecurityGroup,
 } from "./support/nix";
 import { runProgram } from "./support/program";
+import { tempDir } from "./support/tempDir";
 import { describeWithTools } from "./support/tools";
 
 const SG = "aws:ec2/securityGroup:SecurityGroup";
@@ -31,7 +31,7 @@ function readLock(): unknown {
 
 /** A copy of nix/ to break on purpose. */
 function copyOfNixDir(): string {
-    const dir = path.join(mkdtempSync(path.join(tmpdir(), "nixos-ec2-flake-")), "nix");
+    const dir = path.join(tempDir("nixos-ec2-flake-"), "nix");
     cpSync(NIX_DIR, dir, { recursive: true });
     return dir;
 }
@@ -103,7 +103,7 @@ describeWithTools(["nix-instantiate"])("the flake in nix/ (nix-instantiate, stan
         });
 
         it("rejects a syntax error and an undefined variable, naming the file", async () => {
-            const dir = mkdtempSync(path.join(tmpdir(), "nix-parse-"));
+            const dir = tempDir("nix-parse-");
             const syntax = path.join(dir, "syntax.nix");
             const undefinedVariable = path.join(dir, "undefined.nix");
             writeFileSync(syntax, "{ services.nginx.enable = ; }\n");

@@ -1,5 +1,4 @@
-import { chmodSync, cpSync, mkdtempSync, symlinkSync, utimesSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { chmodSync, cpSync, symlinkSync, utimesSync, writeFileSync } from "node:fs";
 import * as path from "node:path";
 import { parseDeployResult } from "../components/nixosDeployment";
 import { readFileSync } from "node:fs";
@@ -7,11 +6,12 @@ import { flakeFiles, flakeHash, IGNORED_NAMES } from "../lib/flakeHash";
 import { OfflineRun, SecretValue } from "../lib/offline";
 import { PROJECT_DIR } from "../lib/stacks";
 import { childrenOf, resource, runProgram } from "./support/program";
+import { tempDir } from "./support/tempDir";
 
 const NIX_DIR = path.join(PROJECT_DIR, "nix");
 
 function cloneOfNix(): string {
-    const dir = path.join(mkdtempSync(path.join(tmpdir(), "clone-")), "nix");
+    const dir = path.join(tempDir("clone-"), "nix");
     cpSync(NIX_DIR, dir, { recursive: true });
     return dir;
 }

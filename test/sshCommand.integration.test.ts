@@ -1,9 +1,9 @@
 import { spawnSync } from "node:child_process";
-import { chmodSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { chmodSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import * as path from "node:path";
 import { sshCommand } from "../components/nixosHost";
 import { sshdCommand, startSshd, TestSshd } from "./support/sshd";
+import { tempDir } from "./support/tempDir";
 import { describeWithTools } from "./support/tools";
 
 /**
@@ -16,7 +16,7 @@ describeWithTools([sshdCommand(), "ssh", "ssh-keygen", "bash", "mktemp"])("the s
     beforeAll(async () => {
         sshd = await startSshd();
         await sshd.ready;
-        work = mkdtempSync(path.join(tmpdir(), "ssh-command-"));
+        work = tempDir("ssh-command-");
         mkdirSync(path.join(work, "bin"));
         mkdirSync(path.join(work, "tmp"));
         const keyFile = path.join(work, "admin-key");
