@@ -197,15 +197,24 @@ set_ssh_options() {
     )
 }
 
-# Files the flake does not need on the host: build links and editor droppings.
+# The flake's files, NUL-separated, relative to FLAKE_DIR. Left out, and nothing else: build
+# links (result and result-* when they are symbolic links), editor droppings (*~, .#*, #*#, *.swp,
+# *.swo, .DS_Store) and .git and .direnv. lib/flakeHash.ts leaves out the same for the trigger
+# hash; an integration test compares the two on one tree.
+flake_files() {
+    cd "$FLAKE_DIR"
+    find . \( -name .git -o -name .direnv -o -name '*~' -o -name '.#*' -o -name '#*#' \
+        -o -name '*.swp' -o -name '*.swo' -o -name .DS_Store \) -prune \
+        -o -type l \( -name result -o -name 'result-*' \) \
+        -o -print0
+}
+
 copy_payload() {
     mkdir -p "$WORK/payload/new/bin" "$WORK/payload/new/flake"
     cp "$SCRIPT_DIR/remote-switch.sh" "$WORK/payload/new/bin/"
     # COPYFILE_DISABLE keeps macOS tar from adding ._* resource-fork files.
-    COPYFILE_DISABLE=1 tar -C "$FLAKE_DIR" \
-        --exclude='result' --exclude='result-*' --exclude='*~' --exclude='.#*' --exclude='#*#' \
-        --exclude='*.swp' --exclude='*.swo' --exclude='.DS_Store' --exclude='.git' --exclude='.direnv' \
-        -cf - . | tar -C "$WORK/payload/new/flake" -xf -
+    (flake_files) | (cd "$FLAKE_DIR" && COPYFILE_DISABLE=1 tar --null --no-recursion -T - -cf -) |
+        tar -C "$WORK/payload/new/flake" -xf -
 }
 
 last_line() {

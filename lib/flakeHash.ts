@@ -8,16 +8,22 @@ import { lstatSync, readdirSync, readFileSync, readlinkSync } from "node:fs";
 import * as path from "node:path";
 
 /**
- * Build results, editor droppings and VCS data: present in a working tree, never part of the flake.
- * Shell globs matched against each file or directory name; deploy/nixos-deploy.sh leaves the
- * same names out of what it copies to the host (a test holds the two lists together).
+ * Editor droppings and VCS data: present in a working tree, never part of the flake. Shell globs
+ * matched against each file or directory name.
  */
-export const IGNORED_NAMES = ["result", "result-*", "*~", ".#*", "#*#", "*.swp", "*.swo", ".DS_Store", ".git", ".direnv"];
+export const IGNORED_NAMES = ["*~", ".#*", "#*#", "*.swp", "*.swo", ".DS_Store", ".git", ".direnv"];
 
-const IGNORED = IGNORED_NAMES.map((glob) => new RegExp(`^${glob.replace(/[.+^${}()|[\]\\]/g, "\\$&").replace(/\*/g, ".*")}$`));
+/** Build links (`nix build`'s ./result, result-1, ...): these names only when they are symbolic links. */
+export const BUILD_LINK_NAMES = ["result", "result-*"];
 
-export function isIgnored(name: string): boolean {
-    return IGNORED.some((re) => re.test(name));
+// deploy/nixos-deploy.sh (flake_files) leaves out the same from what it copies to the host;
+// test/deploy.integration.test.ts compares the two on one tree.
+const asRegExp = (glob: string) => new RegExp(`^${glob.replace(/[.+^${}()|[\]\\]/g, "\\$&").replace(/\*/g, ".*")}$`);
+const IGNORED = IGNORED_NAMES.map(asRegExp);
+const BUILD_LINKS = BUILD_LINK_NAMES.map(asRegExp);
+
+export function isIgnored(name: string, isSymbolicLink: boolean): boolean {
+    return IGNORED.some((re) => re.test(name)) || (isSymbolicLink && BUILD_LINKS.some((re) => re.test(name)));
 }
 
 /** Relative POSIX paths of the files and links under `dir` that belong to the flake, sorted. */
@@ -25,9 +31,9 @@ export function flakeFiles(dir: string): string[] {
     const found: string[] = [];
     const walk = (rel: string) => {
         for (const name of readdirSync(path.join(dir, rel))) {
-            if (isIgnored(name)) continue;
             const relPath = rel === "" ? name : `${rel}/${name}`;
             const stat = lstatSync(path.join(dir, relPath));
+            if (isIgnored(name, stat.isSymbolicLink())) continue;
             if (stat.isDirectory()) walk(relPath);
             else if (stat.isFile() || stat.isSymbolicLink()) found.push(relPath);
         }

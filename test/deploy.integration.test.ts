@@ -7,6 +7,7 @@ import { execFileSync, spawnSync } from "node:child_process";
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { deployEnv, freePort, runDeploy, sshdCommand } from "./support/sshd";
+import { flakeFiles } from "../lib/flakeHash";
 import { callIndex, deployId, expectNoSecretLeft, secretLines, stdoutLines, unitFile, useHosts } from "./support/deployTest";
 import { describeWithTools } from "./support/tools";
 
@@ -77,9 +78,12 @@ describeWithTools([sshdCommand(), "ssh", "ssh-keygen", "tar", "flock", "setsid",
                 fs.readFileSync(path.join(sshd.flakeDir, "flake.nix"), "utf8"),
             );
             expect(fs.readFileSync(path.join(copied, "modules", "web.nix"), "utf8")).toBe("{ ... }: { }\n");
-            for (const dropping of ["result", "result-1", "flake.nix~", ".DS_Store", "modules/.#web.nix", "modules/.web.nix.swp"]) {
+            for (const dropping of ["result", "result-1", "modules/result-2", "flake.nix~", ".DS_Store", "modules/.#web.nix", "modules/.web.nix.swp"]) {
                 expect(fs.existsSync(path.join(copied, dropping))).toBe(false);
             }
+            // What the host got is exactly what the trigger hash covers.
+            expect(flakeFiles(copied)).toEqual(flakeFiles(sshd.flakeDir));
+            expect(flakeFiles(copied)).toEqual(expect.arrayContaining(["modules/result-codes.nix", "result-docs/index.md"]));
             expect(fs.readFileSync(path.join(sshd.stateDir, "bin", "remote-switch.sh"), "utf8")).toBe(
                 fs.readFileSync(path.join(REPO, "deploy", "remote-switch.sh"), "utf8"),
             );

@@ -1,8 +1,8 @@
-import { chmodSync, cpSync, symlinkSync, utimesSync, writeFileSync } from "node:fs";
+import { chmodSync, cpSync, mkdirSync, symlinkSync, utimesSync, writeFileSync } from "node:fs";
 import * as path from "node:path";
 import { parseDeployResult } from "../components/nixosDeployment";
 import { readFileSync } from "node:fs";
-import { flakeFiles, flakeHash, IGNORED_NAMES } from "../lib/flakeHash";
+import { BUILD_LINK_NAMES, flakeFiles, flakeHash, IGNORED_NAMES } from "../lib/flakeHash";
 import { OfflineRun, SecretValue } from "../lib/offline";
 import { PROJECT_DIR } from "../lib/stacks";
 import { childrenOf, resource, runProgram } from "./support/program";
@@ -95,13 +95,29 @@ describe("flakeHash", () => {
         expect(flakeFiles(clone)).toEqual(flakeFiles(NIX_DIR));
         expect(flakeHash(clone)).toBe(flakeHash(NIX_DIR));
     });
+
+    it("keeps files and directories that are only named like build links, and changes with them", () => {
+        const base = flakeHash(NIX_DIR);
+        const clone = cloneOfNix();
+        writeFileSync(path.join(clone, "result-codes.nix"), "{ }\n");
+        expect(flakeFiles(clone)).toContain("result-codes.nix");
+        expect(flakeHash(clone)).not.toBe(base);
+        const withDir = cloneOfNix();
+        mkdirSync(path.join(withDir, "result"));
+        writeFileSync(path.join(withDir, "result", "x.nix"), "{ }\n");
+        expect(flakeFiles(withDir)).toContain("result/x.nix");
+    });
 });
 
 describe("what a deploy copies", () => {
-    it("leaves out exactly the names the trigger hash ignores", () => {
+    it("names what it leaves out as the trigger hash does: droppings by name, build links only as links", () => {
         const script = readFileSync(path.join(PROJECT_DIR, "deploy", "nixos-deploy.sh"), "utf8");
-        const excluded = [...script.matchAll(/--exclude='([^']+)'/g)].map((m) => m[1]);
-        expect(excluded.sort()).toEqual([...IGNORED_NAMES].sort());
+        const find = /find \. ([\s\S]*?)-o -print0/.exec(script)?.[1] ?? "";
+        const [pruned, links] = find.split("-prune");
+        const names = (text: string) => [...text.matchAll(/-name '?([^' )\\]+)'?/g)].map((m) => m[1]).sort();
+        expect(names(pruned)).toEqual([...IGNORED_NAMES].sort());
+        expect(links).toMatch(/-type l/);
+        expect(names(links)).toEqual([...BUILD_LINK_NAMES].sort());
     });
 });
 

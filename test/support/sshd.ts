@@ -136,8 +136,13 @@ function makeFlake(flakeDir: string): void {
         '{\n  outputs = { self }: { nixosConfigurations = { }; };\n}\n',
     );
     fs.writeFileSync(path.join(flakeDir, "modules", "web.nix"), "{ ... }: { }\n");
+    // Named like build links, but a file and a directory of the flake: the copy must keep them.
+    fs.writeFileSync(path.join(flakeDir, "modules", "result-codes.nix"), "{ ... }: { }\n");
+    fs.mkdirSync(path.join(flakeDir, "result-docs"));
+    fs.writeFileSync(path.join(flakeDir, "result-docs", "index.md"), "docs\n");
     // Build links and editor droppings: the copy must leave these out.
     fs.symlinkSync("/nonexistent-store-path", path.join(flakeDir, "result"));
+    fs.symlinkSync("/nonexistent-store-path", path.join(flakeDir, "modules", "result-2"));
     fs.symlinkSync("/nonexistent-store-path", path.join(flakeDir, "result-1"));
     fs.writeFileSync(path.join(flakeDir, "flake.nix~"), "backup\n");
     fs.writeFileSync(path.join(flakeDir, "modules", ".#web.nix"), "lock\n");
