@@ -33,8 +33,10 @@ readonly REMOTE_BUSY=23 REMOTE_BAD_STATE=24 REMOTE_ALREADY_ROLLED_BACK=25
 readonly SSH_FAILED=255
 
 WORK=""
+SOCKET_DIR=""
 PRIVATE_KEY=""
 CONTROL_PATH=""
+CONTROL_OPT=()
 TARGET=""
 WHERE=""
 SSH_OPTS=()
@@ -136,18 +138,40 @@ validate_inputs() {
 # host); then the background jobs end and their files can go.
 cleanup() {
     if [[ -n $CONTROL_PATH && -S $CONTROL_PATH ]]; then
-        ssh -o ControlPath="$CONTROL_PATH" -O exit "$TARGET" >/dev/null 2>&1 || true
+        ssh "${CONTROL_OPT[@]}" -O exit "$TARGET" >/dev/null 2>&1 || true
     fi
     wait 2>/dev/null || true
     if [[ -n $WORK ]]; then
         rm -rf "$WORK"
     fi
+    if [[ -n $SOCKET_DIR ]]; then
+        rm -rf "$SOCKET_DIR"
+    fi
 }
+
+# A path as an ssh option value: ssh splits values at blanks unless quoted, takes backslashes
+# as escapes, and expands % tokens in IdentityFile, UserKnownHostsFile and ControlPath
+# (ssh_config(5) TOKENS). So any TMPDIR works.
+ssh_path() {
+    local p=${1//\\/\\\\}
+    p=${p//\"/\\\"}
+    p=${p//%/%%}
+    printf '"%s"' "$p"
+}
+
+# A UNIX socket path is at most 104 bytes on macOS (108 on Linux), and the master first binds
+# the path plus a 17-character suffix: a longer TMPDIR gets a short directory for the socket.
+readonly MAX_SOCKET_PATH=80
 
 make_workdir() {
     umask 077
     WORK=$(mktemp -d "${TMPDIR:-/tmp}/nixos-deploy.XXXXXX")
     CONTROL_PATH=$WORK/cm
+    if ((${#CONTROL_PATH} > MAX_SOCKET_PATH)); then
+        SOCKET_DIR=$(mktemp -d /tmp/nxd.XXXXXX)
+        CONTROL_PATH=$SOCKET_DIR/cm
+    fi
+    CONTROL_OPT=(-o "ControlPath=$(ssh_path "$CONTROL_PATH")")
 }
 
 # The key moves from the environment into an unexported variable before any child process
@@ -179,10 +203,10 @@ set_ssh_options() {
         -o BatchMode=yes
         -o IdentitiesOnly=yes
         -o IdentityAgent=none
-        -o IdentityFile="$WORK/id"
+        -o "IdentityFile=$(ssh_path "$WORK/id")"
         -o PreferredAuthentications=publickey
         -o StrictHostKeyChecking=yes
-        -o UserKnownHostsFile="$WORK/known_hosts"
+        -o "UserKnownHostsFile=$(ssh_path "$WORK/known_hosts")"
         -o GlobalKnownHostsFile=/dev/null
         -o HostKeyAlias="$HOST_KEY_ALIAS"
         -o HostKeyAlgorithms=ssh-ed25519
@@ -273,7 +297,7 @@ open_master() {
         attempt_seconds=$((remaining < MAX_ATTEMPT_SECONDS ? remaining : MAX_ATTEMPT_SECONDS))
         attempt_seconds=$((attempt_seconds < 1 ? 1 : attempt_seconds))
         if wait_for ssh "${SSH_OPTS[@]}" -o ConnectTimeout="$attempt_seconds" \
-            -o ControlMaster=yes -o ControlPath="$CONTROL_PATH" -o ControlPersist="$MASTER_IDLE_SECONDS" \
+            -o ControlMaster=yes "${CONTROL_OPT[@]}" -o ControlPersist="$MASTER_IDLE_SECONDS" \
             -f -N "$TARGET" </dev/null >/dev/null 2>"$err"; then
             log "connected to $WHERE after $attempt attempt(s)"
             return 0
@@ -311,7 +335,7 @@ open_master() {
 # In the background: the master's teardown overlaps the confirm connection, which must not
 # ride on it anyway (ControlPath=none).
 close_master() {
-    ssh -o ControlPath="$CONTROL_PATH" -O exit "$TARGET" >/dev/null 2>&1 &
+    ssh "${CONTROL_OPT[@]}" -O exit "$TARGET" >/dev/null 2>&1 &
 }
 
 # Expanded by the remote shell: only the bootstrap that unpacks remote-switch.sh is inline.
@@ -337,7 +361,7 @@ host_log_hint() {
 send_and_switch() {
     set +e
     tar -C "$WORK/payload" -cf - new |
-        ssh "${SSH_OPTS[@]}" -o ControlMaster=no -o ControlPath="$CONTROL_PATH" \
+        ssh "${SSH_OPTS[@]}" -o ControlMaster=no "${CONTROL_OPT[@]}" \
             "$TARGET" "$(remote_deploy_command)" >"$WORK/switch.out"
     printf '%s %s\n' "${PIPESTATUS[@]}" >"$WORK/switch.status"
 }

@@ -194,7 +194,8 @@ describeWithTools([sshdCommand(), "ssh", "ssh-keygen", "tar", "flock", "setsid",
             const record = path.join(sshd.dir, "spy.log");
             fs.mkdirSync(spy);
             // Each wrapper records its argv and environment, and for ssh the mode of the key file.
-            const keyMode = 'for a in "$@"; do case $a in IdentityFile=*) echo "key mode: $(stat -c %a "${a#IdentityFile=}")";; esac; done';
+            // The deploy quotes the path for ssh (IdentityFile="..."); this one has no % or backslash to undo.
+            const keyMode = 'for a in "$@"; do case $a in IdentityFile=*) p=${a#IdentityFile=}; p=${p#\\"}; p=${p%\\"}; echo "key mode: $(stat -c %a "$p")";; esac; done';
             for (const tool of ["ssh", "tar", "mktemp", "cp", "mkdir", "rm", "sleep"]) {
                 const real = execFileSync("sh", ["-c", `command -v ${tool}`], { encoding: "utf8" }).trim();
                 fs.writeFileSync(

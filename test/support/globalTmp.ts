@@ -10,7 +10,7 @@ import * as path from "node:path";
 const KEY = "NIXOS_EC2_TEST_TMPDIR";
 
 export async function setup(): Promise<void> {
-    const dir = mkdtempSync(path.join(tmpdir(), "nixos-ec2-tests-"));
+    const dir = mkdtempSync(path.join(tmpdir(), "nxt-"));
     process.env[KEY] = dir;
     process.env.TMPDIR = dir;
 }

@@ -231,7 +231,7 @@ function killQuietly(pid: number, signal: NodeJS.Signals): void {
 }
 
 export async function startSshd(options: SshdOptions = {}): Promise<TestSshd> {
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "nixos-ec2-sshd-"));
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "sshd-"));
     const hostDir = path.join(dir, "host");
     const flakeDir = path.join(dir, "flake");
     const localTmp = path.join(dir, "local-tmp");
