@@ -29,8 +29,12 @@ readonly MASTER_IDLE_SECONDS=10
 readonly HOST_KEY_ALIAS=nixos-ec2-target
 # Exit statuses of deploy/remote-switch.sh (keep in sync with that file).
 readonly REMOTE_BUILD_FAILED=20 REMOTE_ROLLED_BACK=21 REMOTE_ROLLBACK_FAILED=22
-readonly REMOTE_BUSY=23 REMOTE_BAD_STATE=24 REMOTE_ALREADY_ROLLED_BACK=25
-readonly SSH_FAILED=255
+readonly REMOTE_BUSY=23 REMOTE_BAD_STATE=24 REMOTE_ALREADY_ROLLED_BACK=25 REMOTE_SUPERSEDED=26
+# Exit statuses of the bootstrap (remote_deploy_command), before remote-switch.sh runs.
+readonly UPLOAD_NO_SPACE=30 UPLOAD_FAILED=31
+readonly COMMAND_NOT_FOUND=127 SSH_FAILED=255
+# Room the upload must leave free beyond its own size, in KiB.
+readonly UPLOAD_HEADROOM_KIB=10240
 
 WORK=""
 SOCKET_DIR=""
@@ -43,6 +47,8 @@ SSH_OPTS=()
 # Where a rollback goes, for messages; names the number once the host reported it.
 ROLLBACK_TARGET="the generation recorded before the switch"
 PREVIOUS_GENERATION="<N>"
+# This deploy's log on the host, once remote-switch.sh has made it (it prints "log=PATH").
+HOST_LOG=""
 
 log() {
     printf 'nixos-deploy: %s\n' "$*" >&2
@@ -338,11 +344,23 @@ close_master() {
     ssh "${CONTROL_OPT[@]}" -O exit "$TARGET" >/dev/null 2>&1 &
 }
 
-# Expanded by the remote shell: only the bootstrap that unpacks remote-switch.sh is inline.
+# Expanded by the remote shell: only the bootstrap that unpacks remote-switch.sh is inline. It
+# removes the uploads of earlier deploys that died (each is named after the PID of the shell that
+# received it), refuses at once when the upload cannot fit, and removes its own upload if the
+# transfer fails or the connection drops.
 remote_deploy_command() {
+    local need_kib
+    need_kib=$(($(du -sk "$WORK/payload" | awk '{print $1}') + UPLOAD_HEADROOM_KIB))
     # shellcheck disable=SC2016
-    printf 'set -eu; umask 077; d="${NIXOS_EC2_STATE_DIR:-%s}"; [ -d "$d" ] || mkdir -p "$d"; u=$(mktemp -d "$d/upload.XXXXXX"); tar --no-same-owner -m -xf - -C "$u"; exec bash "$u/new/bin/remote-switch.sh" deploy "$u" %s %s %s %s' \
-        "$DEFAULT_STATE_DIR" "$DEPLOY_ID" "$FLAKE_ATTR" "$ROLLBACK_TIMEOUT" "$ALLOW_FAILED_UNITS"
+    printf '%s' 'set -eu; umask 077; d="${NIXOS_EC2_STATE_DIR:-'"$DEFAULT_STATE_DIR"'}"; [ -d "$d" ] || mkdir -p "$d"; ' \
+        'for o in "$d"/upload.*; do [ -e "$o" ] || continue; p=${o##*/upload.}; p=${p%%.*}; ' \
+        'case $p in *[!0-9]* | "") rm -rf "$o" ;; *) kill -0 "$p" 2>/dev/null || rm -rf "$o" ;; esac; done; ' \
+        'free=$(df -Pk "$d" 2>/dev/null | awk '"'"'NR == 2 { print $4 }'"'"') || true; need='"$need_kib"'; ' \
+        'case $free in "" | *[!0-9]*) ;; *) if [ "$free" -lt "$need" ]; then echo "nixos-ec2: not enough disk space for the upload: $free KiB free in $d, it needs $need KiB" >&2; exit '"$UPLOAD_NO_SPACE"'; fi ;; esac; ' \
+        'u=$(mktemp -d "$d/upload.$$.XXXXXX"); trap '"'"'rm -rf "$u"'"'"' HUP INT TERM PIPE; ' \
+        'tar --no-same-owner -m -xf - -C "$u" || { s=$?; rm -rf "$u"; echo "nixos-ec2: receiving the upload into $u failed (tar exited $s); removed it" >&2; exit '"$UPLOAD_FAILED"'; }; ' \
+        'trap - HUP INT TERM PIPE; ' \
+        'exec bash "$u/new/bin/remote-switch.sh" deploy "$u" '"$DEPLOY_ID $FLAKE_ATTR $ROLLBACK_TIMEOUT $ALLOW_FAILED_UNITS"
 }
 
 remote_confirm_command() {
@@ -352,8 +370,11 @@ remote_confirm_command() {
 }
 
 host_log_hint() {
-    printf "ssh in and read %s/logs/*-%s.log (this deploy's log) and 'journalctl -u \"nixos-ec2-*-%s*\"'" \
-        "$DEFAULT_STATE_DIR" "$DEPLOY_ID" "$DEPLOY_ID"
+    if [[ -n $HOST_LOG ]]; then
+        printf "ssh in and read %s (this deploy's log) and 'journalctl -u \"nixos-ec2-*-%s*\"'" "$HOST_LOG" "$DEPLOY_ID"
+    else
+        printf 'the host-side script (remote-switch.sh) never started, so this deploy wrote no log on the host: the messages above are all there is'
+    fi
 }
 
 # Session on connection 1: the tar stream, then the switch, whose log streams to stderr.
@@ -374,8 +395,12 @@ copy_and_switch() {
         read -r -a statuses <"$WORK/switch.status" || true
     fi
     status=${statuses[1]:-$SSH_FAILED}
-    # remote-switch.sh prints the generation it recorded (the one a rollback returns to).
-    local recorded
+    # remote-switch.sh prints its log's path first and, last, the generation it recorded (the
+    # one a rollback returns to).
+    local recorded line
+    while IFS= read -r line; do
+        [[ $line == log=/* ]] && HOST_LOG=${line#log=}
+    done <"$WORK/switch.out"
     recorded=$(last_line "$WORK/switch.out")
     if is_uint "$recorded"; then
         PREVIOUS_GENERATION=$recorded
@@ -405,10 +430,27 @@ copy_and_switch() {
         fail "another deploy or rollback is running on $WHERE" \
             "wait for it to finish ('systemctl list-units \"nixos-ec2-*\"' on the host), then run again"
         ;;
+    "$UPLOAD_NO_SPACE")
+        fail "$WHERE has too little disk space for the upload (see the message above); nothing was copied or changed" \
+            "free space on the host ('nix-collect-garbage -d' removes old generations) or grow its root volume (rootVolumeGiB), then deploy again"
+        ;;
+    "$UPLOAD_FAILED")
+        fail "the upload to $WHERE failed while the host received it (see the message above); its partial copy was removed and nothing was changed" \
+            "check the free space and the health of the host's disk (df -h $DEFAULT_STATE_DIR), then deploy again"
+        ;;
+    "$COMMAND_NOT_FOUND")
+        fail "a command the deploy needs is missing on $WHERE (exit status 127, 'command not found': see the message above); nothing was switched" \
+            "the host side needs bash, tar, df, mktemp, flock, systemd-run, nix-env and nixos-rebuild on the admin's PATH: is $HOST a NixOS host booted from the project's configuration?" \
+            "$(host_log_hint)"
+        ;;
     "$SSH_FAILED")
-        fail "the SSH connection to $WHERE failed during the copy or switch (deploy $DEPLOY_ID); a switch that already started continues on the host, and a switched host rolls itself back within ${ROLLBACK_TIMEOUT}s because this deploy cannot confirm it" \
-            "$(host_log_hint)" \
-            "then run the deploy again"
+        if [[ -n $HOST_LOG ]]; then
+            fail "the SSH connection to $WHERE failed during the switch (deploy $DEPLOY_ID); the switch continues on the host, and a switched host rolls itself back within ${ROLLBACK_TIMEOUT}s because this deploy cannot confirm it" \
+                "$(host_log_hint)" \
+                "then run the deploy again"
+        fi
+        fail "the SSH connection to $WHERE failed before the host-side script started (deploy $DEPLOY_ID); nothing was switched" \
+            "check the connection to the host (the SSH error is above), then run the deploy again"
         ;;
     *)
         if ((${statuses[0]:-0} != 0)); then
@@ -441,6 +483,14 @@ confirm() {
         "$REMOTE_ALREADY_ROLLED_BACK")
             fail "$WHERE had already rolled back to $ROLLBACK_TARGET before this deploy could confirm (the switch and the confirmation took longer than rollbackTimeoutSeconds=${ROLLBACK_TIMEOUT})" \
                 "$(host_log_hint)" "raise rollbackTimeoutSeconds if activation is slow, then run again"
+            ;;
+        "$REMOTE_SUPERSEDED")
+            fail "another deploy to $WHERE started before this one (deploy $DEPLOY_ID) was confirmed, and rolled it back to $ROLLBACK_TARGET (see above); the host runs what that other deploy switched to" \
+                "run one deploy per host at a time (one 'pulumi up' per stack, not two at once); then run 'pulumi up' again so that the state matches the host"
+            ;;
+        "$COMMAND_NOT_FOUND")
+            fail "a command the confirmation needs is missing on $WHERE (exit status 127, 'command not found': see the message above); the host rolls back to $ROLLBACK_TARGET within ${ROLLBACK_TIMEOUT}s unless confirmed" \
+                "the new system must keep bash, flock, systemd-run, systemctl and curl on the admin's PATH" "$(host_log_hint)"
             ;;
         "$REMOTE_ROLLBACK_FAILED")
             fail "the new system on $WHERE failed its checks AND the rollback to $ROLLBACK_TARGET failed (see above)" \

@@ -33,7 +33,7 @@ readonly HEALTH_REQUEST_SECONDS=10
 readonly LOG_TAIL_LINES=40
 # Exit statuses read by deploy/nixos-deploy.sh (keep in sync with that file).
 readonly EXIT_BUILD_FAILED=20 EXIT_ROLLED_BACK=21 EXIT_ROLLBACK_FAILED=22
-readonly EXIT_BUSY=23 EXIT_BAD_STATE=24 EXIT_ALREADY_ROLLED_BACK=25
+readonly EXIT_BUSY=23 EXIT_BAD_STATE=24 EXIT_ALREADY_ROLLED_BACK=25 EXIT_SUPERSEDED=26
 
 say() {
     printf '[%(%H:%M:%S)T] %s\n' -1 "$*"
@@ -153,21 +153,17 @@ roll_back() {
     say "rolled back to generation $generation"
 }
 
+# Uploads of deploys that died are removed by the next deploy's bootstrap (nixos-deploy.sh).
 prune_old_files() {
-    local logs old id uploads
+    local logs old id
     shopt -s nullglob
     logs=("$LOG_DIR"/*.log)
-    uploads=("$STATE_DIR"/upload.*)
     shopt -u nullglob
     if ((${#logs[@]} > KEEP_LOGS)); then
         for old in "${logs[@]:0:${#logs[@]}-KEEP_LOGS}"; do
             id=${old##*-}
             rm -f "$old" "$OUTCOMES_DIR/${id%.log}"
         done
-    fi
-    # Uploads of deploys that died before their switch started; recent ones may still be arriving.
-    if ((${#uploads[@]} > 1)); then
-        find "$STATE_DIR" -maxdepth 1 -name 'upload.*' -mmin +60 -exec rm -rf {} + 2>/dev/null || true
     fi
 }
 
@@ -344,6 +340,9 @@ confirm_body() {
         say "deploy $id was already confirmed"
         return 0
         ;;
+    "rolled-back "*"reason=superseded by deploy"*)
+        die "$EXIT_SUPERSEDED" "deploy $id cannot be confirmed: a later deploy rolled it back ($outcome)"
+        ;;
     rolled-back* | rollback-failed*)
         die "$EXIT_ALREADY_ROLLED_BACK" "deploy $id cannot be confirmed: $outcome"
         ;;
@@ -395,6 +394,8 @@ cmd_deploy() {
     log=$LOG_DIR/$(printf '%(%Y%m%dT%H%M%S)T' -1)-$id.log
     : >"$log"
     ln -sfn "logs/${log##*/}" "$STATE_DIR/deploy.log"
+    # First stdout line: nixos-deploy.sh points its hints at this log only once it exists.
+    printf 'log=%s\n' "$log"
     run_unit "nixos-ec2-switch-$id" "nixos-ec2: deploy $id, switch to $attr" \
         switch "$upload" "$id" "$attr" "$rollback_seconds" "$allow" "$log" || status=$?
     # nixos-deploy.sh names the generation a rollback returns to in its messages.

@@ -4,14 +4,21 @@
  */
 import * as fs from "node:fs";
 import * as path from "node:path";
-import { expectNoSecretLeft, stdoutLines, useHosts } from "./support/deployTest";
-import { deployEnv, runDeploy, sshdCommand } from "./support/sshd";
+import { callIndex, expectNoSecretLeft, stdoutLines, useHosts } from "./support/deployTest";
+import { deployEnv, runDeploy, sshdCommand, TestSshd } from "./support/sshd";
 import { describeWithTools } from "./support/tools";
 
 describeWithTools([sshdCommand(), "ssh", "ssh-keygen", "tar", "flock", "setsid", "timeout", "sha256sum"])(
     "deploy/nixos-deploy.sh under faults",
     () => {
         const host = useHosts();
+
+        const uploads = (sshd: TestSshd) => fs.readdirSync(sshd.stateDir).filter((name) => name.startsWith("upload."));
+
+        /** What bash does for a command it cannot find (execute_cmd.c: "command not found", status 127). */
+        function removeCommand(sshd: TestSshd, name: string): void {
+            fs.writeFileSync(path.join(sshd.hostDir, "bin", name), `#!/usr/bin/env bash\necho "bash: line 1: ${name}: command not found" >&2\nexit 127\n`, { mode: 0o755 });
+        }
 
         test.each([
             ["a space", "with space"],
@@ -38,6 +45,83 @@ describeWithTools([sshdCommand(), "ssh", "ssh-keygen", "tar", "flock", "setsid",
             expect(run.stderr).not.toMatch(/error:/);
             expect(run.code).toBe(0);
             expect(fs.readdirSync(tmp)).toEqual([]);
+        });
+
+        test("a disk too full for the upload fails at once, saying how much space there is, and changes nothing", async () => {
+            const sshd = await host();
+            sshd.setBehaviour({ diskFreeKib: 100 });
+            const run = await runDeploy(deployEnv(sshd));
+            expect(run.code).toBe(1);
+            expect(run.stderr).toMatch(new RegExp(`not enough disk space for the upload: 100 KiB free in ${sshd.stateDir}, it needs \\d+ KiB`));
+            expect(run.stderr).toMatch(/error: 127\.0\.0\.1 port \d+ has too little disk space for the upload .*nothing was copied or changed/);
+            expect(run.stderr).toMatch(/next: free space on the host \('nix-collect-garbage -d'/);
+            expect(uploads(sshd)).toEqual([]);
+            expect(callIndex(sshd, /^tar /)).toBe(-1);
+            expect(callIndex(sshd, /^nixos-rebuild/)).toBe(-1);
+            expect(sshd.generation()).toBe(1);
+            expectNoSecretLeft(sshd, run);
+        });
+
+        test("a failed upload removes its partial data from the host, says the host is unchanged, and the next deploy succeeds", async () => {
+            const sshd = await host();
+            sshd.setBehaviour({ uploadFails: true });
+            const failed = await runDeploy(deployEnv(sshd));
+            expect(failed.code).toBe(1);
+            expect(failed.stderr).toContain("Cannot write: No space left on device");
+            expect(failed.stderr).toMatch(/receiving the upload into \S+\/upload\.\d+\.\w+ failed \(tar exited 2\); removed it/);
+            expect(failed.stderr).toMatch(/error: the upload to 127\.0\.0\.1 port \d+ failed while the host received it .*partial copy was removed and nothing was changed/);
+            // No log was written on the host, so no hint points at one.
+            expect(failed.stderr).not.toMatch(/logs\/|this deploy's log/);
+            expect(uploads(sshd)).toEqual([]);
+            expect(sshd.generation()).toBe(1);
+
+            sshd.setBehaviour({});
+            const again = await runDeploy(deployEnv(sshd));
+            expect(again.code).toBe(0);
+            expect(sshd.generation()).toBe(2);
+            expect(uploads(sshd)).toEqual([]);
+        });
+
+        test("a deploy first removes the uploads of earlier deploys that died, and keeps those still arriving", async () => {
+            const sshd = await host();
+            // Named after the PID of the shell that received them: one that no longer runs, one that does.
+            const stale = path.join(sshd.stateDir, "upload.999999999.abcdef");
+            const live = path.join(sshd.stateDir, `upload.${process.pid}.ghijkl`);
+            for (const dir of [stale, live]) {
+                fs.mkdirSync(path.join(dir, "new", "flake"), { recursive: true });
+                fs.writeFileSync(path.join(dir, "new", "flake", "big"), "x".repeat(1024));
+            }
+            const run = await runDeploy(deployEnv(sshd));
+            expect(run.code).toBe(0);
+            expect(uploads(sshd)).toEqual([path.basename(live)]);
+        });
+
+        test("a command missing on the host (exit status 127) is named as such, with what the host needs", async () => {
+            const sshd = await host();
+            removeCommand(sshd, "systemd-run");
+            const run = await runDeploy(deployEnv(sshd));
+            expect(run.code).toBe(1);
+            expect(run.stderr).toContain("systemd-run: command not found");
+            expect(run.stderr).toMatch(/error: a command the deploy needs is missing on 127\.0\.0\.1 port \d+ \(exit status 127, 'command not found'/);
+            expect(run.stderr).toMatch(/next: the host side needs bash, tar, df, mktemp, flock, systemd-run/);
+            expect(sshd.generation()).toBe(1);
+        });
+
+        test("the loser of two concurrent deploys is told that another deploy superseded it, not to raise a timeout", async () => {
+            const sshd = await host();
+            sshd.setBehaviour({ buildDelaySeconds: 1 });
+            const first = runDeploy(deployEnv(sshd, { NIXOS_EC2_ROLLBACK_TIMEOUT_SECONDS: "30" }));
+            // The second starts while the first builds, and waits for the host's lock.
+            await new Promise((resolve) => setTimeout(resolve, 400));
+            const second = runDeploy(deployEnv(sshd, { NIXOS_EC2_ROLLBACK_TIMEOUT_SECONDS: "30" }));
+            const [a, b] = await Promise.all([first, second]);
+            const [loser, winner] = a.code === 0 ? [b, a] : [a, b];
+            expect(winner.code).toBe(0);
+            expect(loser.code).toBe(1);
+            expect(loser.stderr).toMatch(/error: another deploy to 127\.0\.0\.1 port \d+ started before this one \(deploy [0-9a-f]{12}\) was confirmed, and rolled it back/);
+            expect(loser.stderr).toMatch(/next: run one deploy per host at a time/);
+            expect(loser.stderr).not.toContain("raise rollbackTimeoutSeconds");
+            expect(JSON.parse(stdoutLines(winner)[0]).systemPath).toBe(sshd.systemPath());
         });
     },
 );

@@ -1,7 +1,8 @@
 /**
  * A real OpenSSH server on 127.0.0.1 that plays a NixOS host for deploy/nixos-deploy.sh: its own
  * ED25519 host key, an admin key in its AuthorizedKeysFile, and on the session PATH the stand-ins
- * from test/fixtures/host-bin (nixos-rebuild, nix-env, systemd-run, systemctl, curl), which record
+ * from test/fixtures/host-bin (nixos-rebuild, nix-env, systemd-run, systemctl, curl, and df and
+ * tar, which run the real ones unless a test makes the disk full), which record
  * every call in `<host>/calls.log`. The system profile is a real symlink chain
  * (`system -> system-N-link -> <host>/store/<hash>-nixos-system-<name>`), so generations and store
  * paths the deploy reports are real readings. Used by the integration tests and the benchmark.
@@ -70,6 +71,10 @@ export interface HostBehaviour {
     systemState?: string;
     /** Seconds `systemctl is-system-running --wait` takes. */
     settleDelaySeconds?: number;
+    /** KiB that `df -Pk` reports free (a nearly full disk); unset, the real df answers. */
+    diskFreeKib?: number;
+    /** The host's tar fails half way through receiving the upload, as on a full disk. */
+    uploadFails?: boolean;
 }
 
 export interface SshdOptions {
@@ -315,6 +320,8 @@ export async function startSshd(options: SshdOptions = {}): Promise<TestSshd> {
             writeControl(hostDir, "health", b.health);
             writeControl(hostDir, "system-state", b.systemState);
             writeControl(hostDir, "settle-delay", b.settleDelaySeconds);
+            writeControl(hostDir, "disk-free-kib", b.diskFreeKib);
+            writeControl(hostDir, "upload-fails", b.uploadFails);
         },
         calls(): string[] {
             return readOr(path.join(hostDir, "calls.log"), "")
