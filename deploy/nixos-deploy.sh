@@ -18,13 +18,13 @@ case ${BASH_SOURCE[0]} in
 *) readonly SCRIPT_DIR=. ;;
 esac
 readonly DEFAULT_STATE_DIR=/var/lib/nixos-ec2
-# Per-attempt cap while waiting for SSH, so a dropped SYN does not eat the whole deadline.
-readonly MAX_ATTEMPT_SECONDS=10
+# Per-attempt cap while waiting for SSH (connection, key exchange and login together), so a
+# dropped SYN or a server that stalls after its banner does not eat the whole deadline.
+# Overridable only so that the integration tests need not wait 10 s for a stall.
+readonly MAX_ATTEMPT_SECONDS=${NIXOS_EC2_SSH_ATTEMPT_SECONDS:-10}
 readonly MAX_RETRY_DELAY_SECONDS=5
 readonly PROGRESS_EVERY_SECONDS=10
 readonly KEEPALIVE_SECONDS=15
-# The master closes itself this long after its last session, should this script be killed.
-readonly MASTER_IDLE_SECONDS=10
 # The known_hosts entry names this alias, so one pinned line matches any address and port.
 readonly HOST_KEY_ALIAS=nixos-ec2-target
 # Exit statuses of deploy/remote-switch.sh (keep in sync with that file).
@@ -38,6 +38,7 @@ readonly UPLOAD_HEADROOM_KIB=10240
 
 WORK=""
 SOCKET_DIR=""
+MASTER_PID=""
 PRIVATE_KEY=""
 CONTROL_PATH=""
 CONTROL_OPT=()
@@ -94,6 +95,9 @@ validate_inputs() {
     if [[ ! $HOST =~ ^[A-Za-z0-9_.:%][A-Za-z0-9_.:%-]*$ ]]; then
         errors+=("NIXOS_EC2_HOST must be a host name or IP address (got '${HOST}')")
     fi
+    if ! is_uint "$MAX_ATTEMPT_SECONDS" || ((10#$MAX_ATTEMPT_SECONDS < 1)); then
+        errors+=("NIXOS_EC2_SSH_ATTEMPT_SECONDS must be a whole number of seconds >= 1 (got '${MAX_ATTEMPT_SECONDS}')")
+    fi
     if ! is_uint "$PORT" || ((10#$PORT < 1 || 10#$PORT > 65535)); then
         errors+=("NIXOS_EC2_PORT must be a TCP port 1-65535 (got '${PORT}')")
     fi
@@ -145,6 +149,9 @@ validate_inputs() {
 cleanup() {
     if [[ -n $CONTROL_PATH && -S $CONTROL_PATH ]]; then
         ssh "${CONTROL_OPT[@]}" -O exit "$TARGET" >/dev/null 2>&1 || true
+    fi
+    if [[ -n $MASTER_PID ]]; then
+        kill "$MASTER_PID" 2>/dev/null || true
     fi
     wait 2>/dev/null || true
     if [[ -n $WORK ]]; then
@@ -268,7 +275,9 @@ classify_ssh_error() {
     *"Permission denied"* | *"Too many authentication failures"* | *"Load key"*) echo auth ;;
     *"Connection refused"* | *"timed out"* | *"No route to host"* | *"Connection reset"* | \
         *"kex_exchange_identification"* | *"Connection closed"* | *"Network is unreachable"* | \
-        *"banner exchange"* | *"Broken pipe"*) echo retry ;;
+        *"banner exchange"* | *"Broken pipe"* | *"handshake did not finish"*) echo retry ;;
+    # ssh gives up without a word when keepalives go unanswered mid-handshake: a stall, retried.
+    "") echo retry ;;
     *) echo other ;;
     esac
 }
@@ -290,10 +299,41 @@ fail_auth() {
         "check that NIXOS_EC2_SSH_PRIVATE_KEY belongs to the instance's key pair and that the NixOS configuration keeps the admin key in users.users.$REMOTE_USER.openssh.authorizedKeys"
 }
 
+# try_master SECONDS ERR: one attempt at connection 1. The master runs as a job of this script,
+# not daemonized by `ssh -f`: it stays in the script's process group, so killing the deploy
+# (Pulumi cancelled, say) ends the master too, and with it every descriptor a session handed it
+# (mux clients pass their stdio to the master), such as the pipe Pulumi reads.
+# Returns 0 once the master is up, 1 when ssh gave up (ERR says why), 2 when it did not finish
+# connecting, exchanging keys and logging in within SECONDS (it is then killed).
+try_master() {
+    local seconds=$1 err=$2 until=$((SECONDS + $1))
+    ssh "${SSH_OPTS[@]}" -o ConnectTimeout="$seconds" -o ControlMaster=yes "${CONTROL_OPT[@]}" -o ControlPersist=no \
+        -N "$TARGET" </dev/null >/dev/null 2>"$err" &
+    MASTER_PID=$!
+    while :; do
+        if ! kill -0 "$MASTER_PID" 2>/dev/null; then
+            wait "$MASTER_PID" 2>/dev/null || true
+            MASTER_PID=""
+            return 1
+        fi
+        if ssh "${CONTROL_OPT[@]}" -O check "$TARGET" >/dev/null 2>&1; then
+            return 0
+        fi
+        if ((SECONDS > until)); then
+            kill "$MASTER_PID" 2>/dev/null || true
+            wait "$MASTER_PID" 2>/dev/null || true
+            MASTER_PID=""
+            printf 'the SSH handshake did not finish within %ss (the server accepted the connection and then stalled)\n' "$seconds" >"$err"
+            return 2
+        fi
+        wait_for sleep 0.1
+    done
+}
+
 # Connection 1: retry until the deadline while the host is booting or the port is closed; a
 # host key or authentication failure is final at once.
 open_master() {
-    local deadline=$((SECONDS + CONNECT_TIMEOUT)) attempt=0 remaining attempt_seconds
+    local deadline=$((SECONDS + CONNECT_TIMEOUT)) attempt=0 remaining attempt_seconds outcome
     local delay=1 error_text="" last_error="" last_report=$((SECONDS - PROGRESS_EVERY_SECONDS))
     local err=$WORK/connect.err
     log "connecting to $WHERE as $REMOTE_USER (waiting up to ${CONNECT_TIMEOUT}s for SSH)"
@@ -302,9 +342,9 @@ open_master() {
         remaining=$((deadline - SECONDS))
         attempt_seconds=$((remaining < MAX_ATTEMPT_SECONDS ? remaining : MAX_ATTEMPT_SECONDS))
         attempt_seconds=$((attempt_seconds < 1 ? 1 : attempt_seconds))
-        if wait_for ssh "${SSH_OPTS[@]}" -o ConnectTimeout="$attempt_seconds" \
-            -o ControlMaster=yes "${CONTROL_OPT[@]}" -o ControlPersist="$MASTER_IDLE_SECONDS" \
-            -f -N "$TARGET" </dev/null >/dev/null 2>"$err"; then
+        outcome=0
+        try_master "$attempt_seconds" "$err" || outcome=$?
+        if ((outcome == 0)); then
             log "connected to $WHERE after $attempt attempt(s)"
             return 0
         fi

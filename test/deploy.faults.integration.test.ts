@@ -3,8 +3,9 @@
  * it as an adversary would: each test shows the fault, and that the deploy now handles it.
  */
 import * as fs from "node:fs";
+import * as net from "node:net";
 import * as path from "node:path";
-import { callIndex, expectNoSecretLeft, stdoutLines, useHosts } from "./support/deployTest";
+import { callIndex, expectNoSecretLeft, stdoutLines, useHosts, waitForRollback } from "./support/deployTest";
 import { deployEnv, runDeploy, sshdCommand, TestSshd } from "./support/sshd";
 import { describeWithTools } from "./support/tools";
 
@@ -12,6 +13,87 @@ describeWithTools([sshdCommand(), "ssh", "ssh-keygen", "tar", "flock", "setsid",
     "deploy/nixos-deploy.sh under faults",
     () => {
         const host = useHosts();
+
+        /**
+         * A TCP server on loopback that sends an SSH banner and then nothing, as a host whose sshd
+         * hangs in key exchange does; after `stalls` connections it passes the rest to `to`.
+         */
+        async function stallingServer(stalls: number, to: number): Promise<{ port: number; connections: () => number; close: () => Promise<void> }> {
+            let connections = 0;
+            const sockets = new Set<net.Socket>();
+            const server = net.createServer((socket) => {
+                sockets.add(socket);
+                socket.on("close", () => sockets.delete(socket));
+                socket.on("error", () => undefined);
+                connections += 1;
+                if (connections <= stalls) {
+                    socket.write("SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n");
+                    return;
+                }
+                const upstream = net.connect(to, "127.0.0.1");
+                upstream.on("error", () => socket.destroy());
+                sockets.add(upstream);
+                socket.pipe(upstream).pipe(socket);
+            });
+            await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+            const port = (server.address() as net.AddressInfo).port;
+            const close = () =>
+                new Promise<void>((resolve) => {
+                    for (const s of sockets) s.destroy();
+                    server.close(() => resolve());
+                });
+            return { port, connections: () => connections, close };
+        }
+
+        test("a server that stalls after its banner is given up on within the deadline, and said to be stalling", async () => {
+            const sshd = await host();
+            const stall = await stallingServer(Infinity, sshd.port);
+            try {
+                const run = await runDeploy(
+                    deployEnv(sshd, { NIXOS_EC2_PORT: String(stall.port), NIXOS_EC2_CONNECT_TIMEOUT_SECONDS: "5", NIXOS_EC2_SSH_ATTEMPT_SECONDS: "2" }),
+                );
+                expect(run.code).toBe(1);
+                expect(run.elapsedMs).toBeLessThan(8000);
+                expect(stall.connections()).toBeGreaterThanOrEqual(2);
+                expect(run.stderr).toMatch(/error: no SSH connection to 127\.0\.0\.1 port \d+ within 5s \(deployConnectTimeoutSeconds\), \d+ attempt\(s\); last SSH error: the SSH handshake did not finish within \d+s \(the server accepted the connection and then stalled\)/);
+                expect(run.stderr).not.toContain("exited without a message");
+                expect(fs.readdirSync(sshd.localTmp)).toEqual([]);
+            } finally {
+                await stall.close();
+            }
+        });
+
+        test("a stall is retried: the deploy goes through once the server answers", async () => {
+            const sshd = await host();
+            const stall = await stallingServer(1, sshd.port);
+            try {
+                const run = await runDeploy(deployEnv(sshd, { NIXOS_EC2_PORT: String(stall.port), NIXOS_EC2_SSH_ATTEMPT_SECONDS: "2" }));
+                expect(run.stderr).toMatch(/waiting for SSH on .*: the SSH handshake did not finish within 2s/);
+                expect(run.code).toBe(0);
+                expect(run.stderr).toMatch(/connected to 127\.0\.0\.1 port \d+ after 2 attempt\(s\)/);
+                expect(sshd.generation()).toBe(2);
+            } finally {
+                await stall.close();
+            }
+        });
+
+        test("a deploy killed with its process group releases its output at once, though the switch goes on on the host", async () => {
+            const sshd = await host();
+            sshd.setBehaviour({ buildDelaySeconds: 3 });
+            let killedAt = 0;
+            const run = await runDeploy(deployEnv(sshd), {
+                killWhen: (stderr) => {
+                    if (!stderr.includes("building the system configuration")) return false;
+                    killedAt = Date.now();
+                    return true;
+                },
+            });
+            // runDeploy resolves when every holder of the script's stdout and stderr has let go,
+            // as Pulumi's command provider waits for them.
+            expect(run.signal).toBe("SIGKILL");
+            expect(Date.now() - killedAt).toBeLessThan(1000);
+            await waitForRollback(sshd, 15000);
+        });
 
         const uploads = (sshd: TestSshd) => fs.readdirSync(sshd.stateDir).filter((name) => name.startsWith("upload."));
 
