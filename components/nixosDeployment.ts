@@ -93,6 +93,8 @@ export class NixosDeployment extends pulumi.ComponentResource {
                     NIXOS_EC2_FLAKE_DIR: FLAKE_DIR,
                     NIXOS_EC2_FLAKE_ATTR: args.flakeAttr,
                     NIXOS_EC2_CONNECT_TIMEOUT_SECONDS: String(args.settings.connectTimeoutSeconds),
+                    NIXOS_EC2_BUILD_TIMEOUT_SECONDS: String(args.settings.buildTimeoutSeconds),
+                    NIXOS_EC2_ACTIVATION_TIMEOUT_SECONDS: String(args.settings.activationTimeoutSeconds),
                     NIXOS_EC2_ROLLBACK_TIMEOUT_SECONDS: String(args.settings.rollbackTimeoutSeconds),
                     NIXOS_EC2_ALLOW_FAILED_UNITS: String(args.settings.allowFailedUnits),
                 },

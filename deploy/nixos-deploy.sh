@@ -24,12 +24,16 @@ readonly DEFAULT_STATE_DIR=/var/lib/nixos-ec2
 readonly MAX_ATTEMPT_SECONDS=${NIXOS_EC2_SSH_ATTEMPT_SECONDS:-10}
 readonly MAX_RETRY_DELAY_SECONDS=5
 readonly PROGRESS_EVERY_SECONDS=10
+# Beyond the host's own build and activation deadlines, what the copy-and-switch session may
+# take: the host's lock wait (600 s), the upload and the rest. Overridable for the tests only.
+readonly SESSION_SLACK_SECONDS=${NIXOS_EC2_SESSION_SLACK_SECONDS:-1200}
 readonly KEEPALIVE_SECONDS=15
 # The known_hosts entry names this alias, so one pinned line matches any address and port.
 readonly HOST_KEY_ALIAS=nixos-ec2-target
 # Exit statuses of deploy/remote-switch.sh (keep in sync with that file).
 readonly REMOTE_BUILD_FAILED=20 REMOTE_ROLLED_BACK=21 REMOTE_ROLLBACK_FAILED=22
 readonly REMOTE_BUSY=23 REMOTE_BAD_STATE=24 REMOTE_ALREADY_ROLLED_BACK=25 REMOTE_SUPERSEDED=26
+readonly REMOTE_BUILD_TIMED_OUT=27 REMOTE_ACTIVATION_TIMED_OUT=28
 # Exit statuses of the bootstrap (remote_deploy_command), before remote-switch.sh runs.
 readonly UPLOAD_NO_SPACE=30 UPLOAD_FAILED=31
 readonly COMMAND_NOT_FOUND=127 SSH_FAILED=255
@@ -39,6 +43,7 @@ readonly UPLOAD_HEADROOM_KIB=10240
 WORK=""
 SOCKET_DIR=""
 MASTER_PID=""
+WATCHDOG_PID=""
 PRIVATE_KEY=""
 CONTROL_PATH=""
 CONTROL_OPT=()
@@ -88,12 +93,17 @@ validate_inputs() {
     # No defaults here: the NixosDeployment component always passes these, from the config keys
     # declared (with their defaults) in lib/config.ts.
     CONNECT_TIMEOUT=${NIXOS_EC2_CONNECT_TIMEOUT_SECONDS:-}
+    BUILD_TIMEOUT=${NIXOS_EC2_BUILD_TIMEOUT_SECONDS:-}
+    ACTIVATION_TIMEOUT=${NIXOS_EC2_ACTIVATION_TIMEOUT_SECONDS:-}
     ROLLBACK_TIMEOUT=${NIXOS_EC2_ROLLBACK_TIMEOUT_SECONDS:-}
     ALLOW_FAILED_UNITS=${NIXOS_EC2_ALLOW_FAILED_UNITS:-}
 
     # A leading "-" would turn the address into an ssh option.
     if [[ ! $HOST =~ ^[A-Za-z0-9_.:%][A-Za-z0-9_.:%-]*$ ]]; then
         errors+=("NIXOS_EC2_HOST must be a host name or IP address (got '${HOST}')")
+    fi
+    if ! is_uint "$SESSION_SLACK_SECONDS"; then
+        errors+=("NIXOS_EC2_SESSION_SLACK_SECONDS must be a whole number of seconds (got '${SESSION_SLACK_SECONDS}')")
     fi
     if ! is_uint "$MAX_ATTEMPT_SECONDS" || ((10#$MAX_ATTEMPT_SECONDS < 1)); then
         errors+=("NIXOS_EC2_SSH_ATTEMPT_SECONDS must be a whole number of seconds >= 1 (got '${MAX_ATTEMPT_SECONDS}')")
@@ -123,6 +133,12 @@ validate_inputs() {
     if ! is_uint "$CONNECT_TIMEOUT" || ((10#$CONNECT_TIMEOUT < 1)); then
         errors+=("NIXOS_EC2_CONNECT_TIMEOUT_SECONDS (deployConnectTimeoutSeconds) must be a whole number of seconds >= 1 (got '${CONNECT_TIMEOUT}')")
     fi
+    if ! is_uint "$BUILD_TIMEOUT" || ((10#$BUILD_TIMEOUT < 1)); then
+        errors+=("NIXOS_EC2_BUILD_TIMEOUT_SECONDS (buildTimeoutSeconds) must be a whole number of seconds >= 1 (got '${BUILD_TIMEOUT}')")
+    fi
+    if ! is_uint "$ACTIVATION_TIMEOUT" || ((10#$ACTIVATION_TIMEOUT < 1)); then
+        errors+=("NIXOS_EC2_ACTIVATION_TIMEOUT_SECONDS (activationTimeoutSeconds) must be a whole number of seconds >= 1 (got '${ACTIVATION_TIMEOUT}')")
+    fi
     if ! is_uint "$ROLLBACK_TIMEOUT" || ((10#$ROLLBACK_TIMEOUT < 1)); then
         errors+=("NIXOS_EC2_ROLLBACK_TIMEOUT_SECONDS (rollbackTimeoutSeconds) must be a whole number of seconds >= 1 (got '${ROLLBACK_TIMEOUT}')")
     fi
@@ -137,6 +153,8 @@ validate_inputs() {
     fi
     PORT=$((10#$PORT))
     CONNECT_TIMEOUT=$((10#$CONNECT_TIMEOUT))
+    BUILD_TIMEOUT=$((10#$BUILD_TIMEOUT))
+    ACTIVATION_TIMEOUT=$((10#$ACTIVATION_TIMEOUT))
     ROLLBACK_TIMEOUT=$((10#$ROLLBACK_TIMEOUT))
     TARGET="$REMOTE_USER@$HOST"
     WHERE="$HOST port $PORT"
@@ -152,6 +170,9 @@ cleanup() {
     fi
     if [[ -n $MASTER_PID ]]; then
         kill "$MASTER_PID" 2>/dev/null || true
+    fi
+    if [[ -n $WATCHDOG_PID ]]; then
+        kill "$WATCHDOG_PID" 2>/dev/null || true
     fi
     wait 2>/dev/null || true
     if [[ -n $WORK ]]; then
@@ -400,7 +421,7 @@ remote_deploy_command() {
         'u=$(mktemp -d "$d/upload.$$.XXXXXX"); trap '"'"'rm -rf "$u"'"'"' HUP INT TERM PIPE; ' \
         'tar --no-same-owner -m -xf - -C "$u" || { s=$?; rm -rf "$u"; echo "nixos-ec2: receiving the upload into $u failed (tar exited $s); removed it" >&2; exit '"$UPLOAD_FAILED"'; }; ' \
         'trap - HUP INT TERM PIPE; ' \
-        'exec bash "$u/new/bin/remote-switch.sh" deploy "$u" '"$DEPLOY_ID $FLAKE_ATTR $ROLLBACK_TIMEOUT $ALLOW_FAILED_UNITS"
+        'exec bash "$u/new/bin/remote-switch.sh" deploy "$u" '"$DEPLOY_ID $FLAKE_ATTR $ROLLBACK_TIMEOUT $ALLOW_FAILED_UNITS $BUILD_TIMEOUT $ACTIVATION_TIMEOUT"
 }
 
 remote_confirm_command() {
@@ -419,18 +440,61 @@ host_log_hint() {
 
 # Session on connection 1: the tar stream, then the switch, whose log streams to stderr.
 # Runs as a job (see wait_for), so it leaves the statuses of tar and ssh in a file.
+# Its stderr (the host's log, streamed) goes through tee, a process of this script's group, both
+# to keep a copy that says which phase a stuck session is in and so that no process outside the
+# group holds the pipe Pulumi reads (a mux client hands its stdio to the master).
 send_and_switch() {
     set +e
     tar -C "$WORK/payload" -cf - new |
         ssh "${SSH_OPTS[@]}" -o ControlMaster=no "${CONTROL_OPT[@]}" \
-            "$TARGET" "$(remote_deploy_command)" >"$WORK/switch.out"
+            "$TARGET" "$(remote_deploy_command)" >"$WORK/switch.out" 2> >(tee -a "$WORK/switch.log" >&2)
     printf '%s %s\n' "${PIPESTATUS[@]}" >"$WORK/switch.status"
+    wait "$!" 2>/dev/null
+}
+
+# session_watchdog SECONDS: the host bounds its build and its activation itself; this bounds the
+# whole session in case the host cannot (its processes frozen while the connection stays up).
+# At the deadline it closes connection 1, which ends the session. A job of this script, with its
+# own sleep, both ended when the session ends first.
+session_watchdog() {
+    local pause=""
+    trap 'kill "$pause" 2>/dev/null; exit 0' TERM
+    sleep "$1" &
+    pause=$!
+    wait "$pause" || exit 0
+    : >"$WORK/session.timed-out"
+    ssh "${CONTROL_OPT[@]}" -O exit "$TARGET"
+}
+
+# The phase the host's log last reached (remote-switch.sh says "building", then "activating").
+session_phase() {
+    local phase="uploading the flake" line
+    while IFS= read -r line; do
+        case $line in
+        *"] building "*) phase="building the new system" ;;
+        *"] activating "*) phase="activating the new system" ;;
+        *"] rolling back"*) phase="rolling back" ;;
+        esac
+    done <"$WORK/switch.log"
+    printf '%s' "$phase"
 }
 
 copy_and_switch() {
     local statuses=() status
+    local limit=$((BUILD_TIMEOUT + ACTIVATION_TIMEOUT + SESSION_SLACK_SECONDS))
     log "copying $FLAKE_DIR to $HOST:$DEFAULT_STATE_DIR/flake and switching to #$FLAKE_ATTR (deploy $DEPLOY_ID)"
+    : >"$WORK/switch.log"
+    session_watchdog "$limit" </dev/null >/dev/null 2>&1 &
+    WATCHDOG_PID=$!
     wait_for send_and_switch || true
+    kill "$WATCHDOG_PID" 2>/dev/null || true
+    wait "$WATCHDOG_PID" 2>/dev/null || true
+    WATCHDOG_PID=""
+    if [[ -f $WORK/session.timed-out ]]; then
+        fail "the copy and switch on $WHERE did not end within ${limit}s (buildTimeoutSeconds + activationTimeoutSeconds + ${SESSION_SLACK_SECONDS}s), while $(session_phase); this deploy stopped waiting. The host ended neither step by its own deadlines, so its processes may be frozen: if it switched, it rolls itself back within ${ROLLBACK_TIMEOUT}s because this deploy cannot confirm it" \
+            "check the host (EC2 console output; 'systemctl list-units \"nixos-ec2-*\"' once SSH works); $(host_log_hint)" \
+            "then run the deploy again"
+    fi
     if [[ -f $WORK/switch.status ]]; then
         read -r -a statuses <"$WORK/switch.status" || true
     fi
@@ -448,6 +512,15 @@ copy_and_switch() {
     fi
     case $status in
     0) return 0 ;;
+    "$REMOTE_BUILD_TIMED_OUT")
+        fail "building #$FLAKE_ATTR on $WHERE did not finish within ${BUILD_TIMEOUT}s (buildTimeoutSeconds) and was stopped; the host was not changed (log tail above)" \
+            "see in the log what the build was waiting for (a hanging substituter or a slow download, say); $(host_log_hint)" \
+            "raise buildTimeoutSeconds if this build is simply long (a first build on a small instance), then deploy again"
+        ;;
+    "$REMOTE_ACTIVATION_TIMED_OUT")
+        fail "activating #$FLAKE_ATTR on $WHERE did not finish within ${ACTIVATION_TIMEOUT}s (activationTimeoutSeconds); it was stopped and the host rolled back to $ROLLBACK_TARGET (log tail above)" \
+            "see in the log which unit activation was waiting for; $(host_log_hint)"
+        ;;
     "$REMOTE_BUILD_FAILED")
         fail "building #$FLAKE_ATTR on $WHERE failed; the host was not changed (log tail above)" \
             "fix the configuration in $FLAKE_DIR; $(host_log_hint)"

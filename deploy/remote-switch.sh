@@ -4,8 +4,10 @@
 # the rollback run as transient systemd units, so a dropped SSH connection cannot stop them half
 # way; the SSH sessions only start them and stream their log.
 #
-#   deploy UPLOAD ID ATTR ROLLBACK_S ALLOW          SSH session 1: run the switch unit
-#   switch UPLOAD ID ATTR ROLLBACK_S ALLOW LOG      (unit) install, build, arm the rollback, switch
+#   deploy UPLOAD ID ATTR ROLLBACK_S ALLOW BUILD_S ACTIVATE_S
+#                                                   SSH session 1: run the switch unit
+#   switch UPLOAD ID ATTR ROLLBACK_S ALLOW BUILD_S ACTIVATE_S LOG
+#                                                   (unit) install, build, arm the rollback, switch
 #   confirm ID ALLOW SETTLE_S                       SSH session 2: run the confirm unit, print JSON
 #   confirm-unit ID ALLOW SETTLE_S LOG              (unit) disarm, wait for systemd, health check
 #   rollback ID                                     (timer unit) roll back unless confirmed
@@ -34,6 +36,11 @@ readonly LOG_TAIL_LINES=40
 # Exit statuses read by deploy/nixos-deploy.sh (keep in sync with that file).
 readonly EXIT_BUILD_FAILED=20 EXIT_ROLLED_BACK=21 EXIT_ROLLBACK_FAILED=22
 readonly EXIT_BUSY=23 EXIT_BAD_STATE=24 EXIT_ALREADY_ROLLED_BACK=25 EXIT_SUPERSEDED=26
+readonly EXIT_BUILD_TIMED_OUT=27 EXIT_ACTIVATION_TIMED_OUT=28
+# How often a long build or activation says it is still running. Overridable for the tests.
+readonly PROGRESS_SECONDS=${NIXOS_EC2_PROGRESS_SECONDS:-60}
+# After its deadline a step gets SIGTERM, and SIGKILL this much later.
+readonly KILL_AFTER_SECONDS=15
 
 say() {
     printf '[%(%H:%M:%S)T] %s\n' -1 "$*"
@@ -71,7 +78,7 @@ print_log_tail() {
 unit_environment() {
     local var
     UNIT_ENV=("--setenv=PATH=$PATH")
-    for var in NIXOS_EC2_STATE_DIR NIXOS_EC2_SYSTEM_PROFILE NIXOS_EC2_HEALTH_URL LOCALE_ARCHIVE; do
+    for var in NIXOS_EC2_STATE_DIR NIXOS_EC2_SYSTEM_PROFILE NIXOS_EC2_HEALTH_URL NIXOS_EC2_PROGRESS_SECONDS LOCALE_ARCHIVE; do
         if [[ -n ${!var:-} ]]; then
             UNIT_ENV+=("--setenv=$var=${!var}")
         fi
@@ -192,16 +199,51 @@ install_upload() {
     say "installed the flake in $STATE_DIR/flake"
 }
 
+# with_deadline WHAT SECONDS COMMAND...: runs COMMAND under coreutils timeout (which signals
+# the command's whole process group), saying every PROGRESS_SECONDS that WHAT still runs.
+# Returns COMMAND's status; 124 or 137 when the deadline stopped it.
+with_deadline() {
+    local what=$1 seconds=$2 status=0 ticker
+    shift 2
+    # The ticker's sleep must end with it: it holds the log pipe, which the unit waits on.
+    (
+        pause=""
+        trap 'kill "$pause" 2>/dev/null; exit 0' TERM
+        elapsed=0
+        while :; do
+            sleep "$PROGRESS_SECONDS" &
+            pause=$!
+            wait "$pause"
+            elapsed=$((elapsed + PROGRESS_SECONDS))
+            say "still $what after ${elapsed}s (deadline ${seconds}s)"
+        done
+    ) 9>&- &
+    ticker=$!
+    timeout --kill-after="$KILL_AFTER_SECONDS" "$seconds" "$@" 9>&- || status=$?
+    kill "$ticker" 2>/dev/null || true
+    wait "$ticker" 2>/dev/null || true
+    return "$status"
+}
+
+timed_out() {
+    (($1 == 124 || $1 == 137))
+}
+
 build_system() {
-    local flake_ref="path:$STATE_DIR/flake#$1"
-    say "building $flake_ref"
+    local flake_ref="path:$STATE_DIR/flake#$1" seconds=$2 status=0
+    say "building $flake_ref (deadline ${seconds}s)"
     # Flakes are off on the stock image; enable them for these calls only. The build runs in
     # $STATE_DIR so that its ./result link is a GC root for the new system.
     (
         cd "$STATE_DIR"
         export NIX_CONFIG="${NIX_CONFIG:+$NIX_CONFIG$'\n'}extra-experimental-features = nix-command flakes"
-        nixos-rebuild build --flake "$flake_ref" 9>&-
-    ) || die "$EXIT_BUILD_FAILED" "building $flake_ref failed; this host was not changed"
+        with_deadline building "$seconds" nixos-rebuild build --flake "$flake_ref"
+    ) || status=$?
+    if timed_out "$status"; then
+        die "$EXIT_BUILD_TIMED_OUT" "building $flake_ref did not finish within ${seconds}s (buildTimeoutSeconds) and was stopped; this host was not changed"
+    elif ((status != 0)); then
+        die "$EXIT_BUILD_FAILED" "building $flake_ref failed; this host was not changed"
+    fi
     cd -P "$STATE_DIR/result" 2>/dev/null ||
         die "$EXIT_BUILD_FAILED" "nixos-rebuild build left no $STATE_DIR/result link"
     NEW_SYSTEM=$PWD
@@ -225,10 +267,10 @@ arm_rollback() {
 # keeps switch-to-configuration's exit status 4 (units failed) visible: nixos-rebuild-ng
 # reports every failed command as exit status 1.
 activate() {
-    local id=$1 previous=$2 allow=$3 status=0 reason
+    local id=$1 previous=$2 allow=$3 seconds=$4 status=0 reason
     if nix-env -p "$SYSTEM_PROFILE" --set "$NEW_SYSTEM"; then
-        say "activating $NEW_SYSTEM"
-        "$NEW_SYSTEM/bin/switch-to-configuration" switch 9>&- || status=$?
+        say "activating $NEW_SYSTEM (deadline ${seconds}s)"
+        with_deadline activating "$seconds" "$NEW_SYSTEM/bin/switch-to-configuration" switch || status=$?
     else
         status=$?
         say "error: nix-env could not set $SYSTEM_PROFILE to $NEW_SYSTEM"
@@ -242,11 +284,16 @@ activate() {
     fi
     if ((status == 4)); then
         reason="some units failed to start (switch-to-configuration exited 4; allowFailedUnits is false)"
+    elif timed_out "$status"; then
+        reason="activation did not finish within ${seconds}s (activationTimeoutSeconds) and was stopped"
     else
         reason="activation failed (exit status $status)"
     fi
     say "error: $reason"
     roll_back "$id" "$previous" "$reason" || exit "$EXIT_ROLLBACK_FAILED"
+    if timed_out "$status"; then
+        exit "$EXIT_ACTIVATION_TIMED_OUT"
+    fi
     exit "$EXIT_ROLLED_BACK"
 }
 
@@ -258,7 +305,7 @@ PREVIOUS_GENERATION=""
 on_switch_exit() {
     local status=$1
     rm -rf "$UPLOAD"
-    if [[ -n $PREVIOUS_GENERATION ]] && ((status != 0 && status != EXIT_ROLLED_BACK && status != EXIT_ROLLBACK_FAILED)); then
+    if [[ -n $PREVIOUS_GENERATION ]] && ((status != 0 && status != EXIT_ROLLED_BACK && status != EXIT_ROLLBACK_FAILED && status != EXIT_ACTIVATION_TIMED_OUT)); then
         roll_back "$DEPLOY_ID" "$PREVIOUS_GENERATION" "the switch step failed unexpectedly (exit status $status)" ||
             exit "$EXIT_ROLLBACK_FAILED"
         exit "$EXIT_ROLLED_BACK"
@@ -266,7 +313,7 @@ on_switch_exit() {
 }
 
 switch_body() {
-    local attr=$3 rollback_seconds=$4 allow=$5
+    local attr=$3 rollback_seconds=$4 allow=$5 build_seconds=$6 activate_seconds=$7
     UPLOAD=$1
     DEPLOY_ID=$2
     trap 'on_switch_exit $?' EXIT
@@ -276,13 +323,13 @@ switch_body() {
     prune_old_files
     roll_back_unconfirmed_deploy "$DEPLOY_ID"
     install_upload "$UPLOAD" "$DEPLOY_ID"
-    build_system "$attr"
+    build_system "$attr" "$build_seconds"
     local previous
     previous=$(current_generation)
     arm_rollback "$DEPLOY_ID" "$previous" "$rollback_seconds"
     # From here on an unexpected failure rolls back at once instead of waiting for the timer.
     PREVIOUS_GENERATION=$previous
-    activate "$DEPLOY_ID" "$previous" "$allow"
+    activate "$DEPLOY_ID" "$previous" "$allow" "$activate_seconds"
     local generation
     generation=$(current_generation)
     record_outcome "$DEPLOY_ID" "switched generation=$generation"
@@ -389,7 +436,7 @@ with_log() {
 }
 
 cmd_deploy() {
-    local upload=$1 id=$2 attr=$3 rollback_seconds=$4 allow=$5 log status=0 generation=""
+    local upload=$1 id=$2 attr=$3 rollback_seconds=$4 allow=$5 build_seconds=$6 activate_seconds=$7 log status=0 generation=""
     [[ -d $LOG_DIR ]] || mkdir -p "$LOG_DIR"
     log=$LOG_DIR/$(printf '%(%Y%m%dT%H%M%S)T' -1)-$id.log
     : >"$log"
@@ -397,7 +444,7 @@ cmd_deploy() {
     # First stdout line: nixos-deploy.sh points its hints at this log only once it exists.
     printf 'log=%s\n' "$log"
     run_unit "nixos-ec2-switch-$id" "nixos-ec2: deploy $id, switch to $attr" \
-        switch "$upload" "$id" "$attr" "$rollback_seconds" "$allow" "$log" || status=$?
+        switch "$upload" "$id" "$attr" "$rollback_seconds" "$allow" "$build_seconds" "$activate_seconds" "$log" || status=$?
     # nixos-deploy.sh names the generation a rollback returns to in its messages.
     read_pending
     if [[ $PENDING_ID == "$id" ]]; then
@@ -448,12 +495,12 @@ main() {
     shift || true
     case $command in
     deploy)
-        need_args 5 "$@"
+        need_args 7 "$@"
         cmd_deploy "$@"
         ;;
     switch)
-        need_args 6 "$@"
-        with_log "$6" switch_body "${@:1:5}"
+        need_args 8 "$@"
+        with_log "$8" switch_body "${@:1:7}"
         ;;
     confirm)
         need_args 3 "$@"

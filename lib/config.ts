@@ -170,6 +170,24 @@ export const KEYS = {
             "It has to cover activation plus the confirmation.",
         schema: (bad) => wholeNumber(bad, 30, 3600),
     }),
+    buildTimeoutSeconds: declare({
+        type: "integer",
+        default: 3600,
+        allowed: "a whole number from 60 to 86400",
+        description:
+            "How long the host may take to build the new system (nixos-rebuild build) before the deploy gives up, in seconds; the host is then unchanged. " +
+            "A first build on a small instance downloads most of a system, so the default is generous.",
+        schema: (bad) => wholeNumber(bad, 60, 86400),
+    }),
+    activationTimeoutSeconds: declare({
+        type: "integer",
+        default: 90,
+        allowed: "a whole number from 10 to 3570, below rollbackTimeoutSeconds",
+        description:
+            "How long switch-to-configuration may take to activate the new system before the host rolls back, in seconds. " +
+            "The rollback timer runs from the end of the build, so this must be shorter than rollbackTimeoutSeconds.",
+        schema: (bad) => wholeNumber(bad, 10, 3570),
+    }),
     allowFailedUnits: declare({
         type: "boolean",
         default: false,
@@ -199,6 +217,8 @@ export interface HostSettings {
 
 export interface DeploySettings {
     readonly connectTimeoutSeconds: Values["deployConnectTimeoutSeconds"];
+    readonly buildTimeoutSeconds: Values["buildTimeoutSeconds"];
+    readonly activationTimeoutSeconds: Values["activationTimeoutSeconds"];
     readonly rollbackTimeoutSeconds: Values["rollbackTimeoutSeconds"];
     readonly allowFailedUnits: Values["allowFailedUnits"];
 }
@@ -327,6 +347,13 @@ const RULES: Rule[] = [
                     `allowed: at most ${room} (AWS's default ${RULES_PER_SECURITY_GROUP} inbound rules per group and family, less one for each of the ${network.publicTcpPorts.length} public ports)`,
             );
     }),
+    rule(["activationTimeoutSeconds", "rollbackTimeoutSeconds"], function activationBeforeRollback({ activationTimeoutSeconds, rollbackTimeoutSeconds }) {
+        if (activationTimeoutSeconds < rollbackTimeoutSeconds) return [];
+        return [
+            `${key("activationTimeoutSeconds")}: ${activationTimeoutSeconds} is not below ${key("rollbackTimeoutSeconds")} (${rollbackTimeoutSeconds}); ` +
+                `allowed: an activation deadline shorter than the rollback timer, which runs from the end of the build and must also cover the confirmation`,
+        ];
+    }),
     rule(["hosts"], function hostsOrHostName({ hosts }, stack) {
         if (Object.keys(hosts).length > 0 || HOST_NAME.test(stack)) return [];
         return [
@@ -392,7 +419,13 @@ export function parseSettings(stack: string, config: FullConfig, network: Networ
         subnetId: v.subnetId,
         publicTcpPorts: network.publicTcpPorts,
         hosts: hostsOf(stack, v),
-        deploy: { connectTimeoutSeconds: v.deployConnectTimeoutSeconds, rollbackTimeoutSeconds: v.rollbackTimeoutSeconds, allowFailedUnits: v.allowFailedUnits },
+        deploy: {
+            connectTimeoutSeconds: v.deployConnectTimeoutSeconds,
+            buildTimeoutSeconds: v.buildTimeoutSeconds,
+            activationTimeoutSeconds: v.activationTimeoutSeconds,
+            rollbackTimeoutSeconds: v.rollbackTimeoutSeconds,
+            allowFailedUnits: v.allowFailedUnits,
+        },
         warnings,
     };
 }

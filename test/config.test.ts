@@ -59,7 +59,7 @@ describe("parseSettings", () => {
             hosts: [
                 { name: "staging", flakeAttr: "staging", instanceType: "t3.small", rootVolumeGiB: 20, architecture: "x86_64", nixSystem: "x86_64-linux" },
             ],
-            deploy: { connectTimeoutSeconds: 600, rollbackTimeoutSeconds: 120, allowFailedUnits: false },
+            deploy: { connectTimeoutSeconds: 600, buildTimeoutSeconds: 3600, activationTimeoutSeconds: 90, rollbackTimeoutSeconds: 120, allowFailedUnits: false },
             warnings: [],
         });
     });
@@ -147,6 +147,8 @@ describe("parseSettings", () => {
         ["a flake attribute starting with a digit", "staging", { ...base, hosts: '{"web": {"flakeAttr": "1web"}}' }, /^nixos-ec2:hosts\.web\.flakeAttr: "1web" is not a Nix attribute name/],
         ["a flake attribute of 64 characters", "staging", { ...base, hosts: JSON.stringify({ web: { flakeAttr: "a".repeat(64) } }) }, /^nixos-ec2:hosts\.web\.flakeAttr: "a{64}" is not a Nix attribute name/],
         ["a bad VPC ID with a subnet: one problem, not also 'only subnetId is set'", "staging", { ...base, vpcId: "vpc-x", subnetId: "subnet-0123abcd" }, /^nixos-ec2:vpcId: "vpc-x" is not a VPC ID/],
+        ["a build deadline under a minute", "staging", { ...base, buildTimeoutSeconds: "30" }, /^nixos-ec2:buildTimeoutSeconds: "30" is not allowed; allowed: a whole number from 60 to 86400$/],
+        ["an activation deadline not below the rollback timer", "staging", { ...base, activationTimeoutSeconds: "120" }, /^nixos-ec2:activationTimeoutSeconds: 120 is not below nixos-ec2:rollbackTimeoutSeconds \(120\); allowed: an activation deadline shorter than the rollback timer/],
         ["a host override of a key that is not per host", "staging", { ...base, hosts: '{"web": {"elasticIp": true}}' }, /^nixos-ec2:hosts\.web\.elasticIp: unknown host setting; allowed: instanceType, rootVolumeGiB, flakeAttr$/],
     ];
 

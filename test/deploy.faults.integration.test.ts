@@ -5,7 +5,8 @@
 import * as fs from "node:fs";
 import * as net from "node:net";
 import * as path from "node:path";
-import { callIndex, expectNoSecretLeft, stdoutLines, useHosts, waitForRollback } from "./support/deployTest";
+import { spawnSync } from "node:child_process";
+import { callIndex, expectNoSecretLeft, stdoutLines, useHosts, waitFor, waitForRollback } from "./support/deployTest";
 import { deployEnv, runDeploy, sshdCommand, TestSshd } from "./support/sshd";
 import { describeWithTools } from "./support/tools";
 
@@ -95,7 +96,85 @@ describeWithTools([sshdCommand(), "ssh", "ssh-keygen", "tar", "flock", "setsid",
             await waitForRollback(sshd, 15000);
         });
 
+        test("a build that hangs is stopped at buildTimeoutSeconds, with progress meanwhile; the host is unchanged", async () => {
+            const sshd = await host({ progressSeconds: 1 });
+            sshd.setBehaviour({ buildDelaySeconds: 60 });
+            const run = await runDeploy(deployEnv(sshd, { NIXOS_EC2_BUILD_TIMEOUT_SECONDS: "3" }));
+            expect(run.code).toBe(1);
+            expect(run.elapsedMs).toBeLessThan(10000);
+            expect(run.stderr).toMatch(/still building after 1s \(deadline 3s\)/);
+            expect(run.stderr).toMatch(/error: building #web on 127\.0\.0\.1 port \d+ did not finish within 3s \(buildTimeoutSeconds\) and was stopped; the host was not changed/);
+            expect(run.stderr).toMatch(/next: raise buildTimeoutSeconds if this build is simply long/);
+            expect(callIndex(sshd, /^nix-env/)).toBe(-1);
+            expect(sshd.generation()).toBe(1);
+            expect(uploads(sshd)).toEqual([]);
+        });
+
+        test("an activation that hangs is stopped at activationTimeoutSeconds and the host rolls back", async () => {
+            const sshd = await host({ progressSeconds: 1 });
+            sshd.setBehaviour({ switchDelaySeconds: 60 });
+            const run = await runDeploy(deployEnv(sshd, { NIXOS_EC2_ACTIVATION_TIMEOUT_SECONDS: "2", NIXOS_EC2_ROLLBACK_TIMEOUT_SECONDS: "30" }));
+            expect(run.code).toBe(1);
+            expect(run.elapsedMs).toBeLessThan(10000);
+            expect(run.stderr).toMatch(/still activating after 1s \(deadline 2s\)/);
+            expect(run.stderr).toMatch(/error: activating #web on 127\.0\.0\.1 port \d+ did not finish within 2s \(activationTimeoutSeconds\); it was stopped and the host rolled back to generation 1/);
+            expect(sshd.generation()).toBe(1);
+            expect(sshd.currentSystem()).toMatch(/-nixos-system-initial$/);
+        });
+
+        test("a session whose host processes freeze is given up on at the deploy's own deadline, naming the phase", async () => {
+            const sshd = await host();
+            sshd.setBehaviour({ buildDelaySeconds: 2 });
+            let frozen: number[] = [];
+            const run = await runDeploy(
+                deployEnv(sshd, {
+                    NIXOS_EC2_BUILD_TIMEOUT_SECONDS: "3",
+                    NIXOS_EC2_ACTIVATION_TIMEOUT_SECONDS: "2",
+                    NIXOS_EC2_SESSION_SLACK_SECONDS: "2",
+                }),
+                {
+                    // Stops every process of the switch unit (timeout included): the host can end nothing.
+                    signalWhen: (stderr) => {
+                        if (frozen.length > 0 || !stderr.includes("building the system configuration")) return undefined;
+                        frozen = unitProcesses(sshd);
+                        for (const pid of frozen) process.kill(pid, "SIGSTOP");
+                        return undefined;
+                    },
+                },
+            );
+            for (const pid of frozen) {
+                try {
+                    process.kill(pid, "SIGCONT");
+                } catch {
+                    // Gone with the SSH session (the stand-in's `setsid --wait` waits in it).
+                }
+            }
+            expect(frozen.length).toBeGreaterThan(0);
+            expect(run.code).toBe(1);
+            expect(run.elapsedMs).toBeLessThan(12000);
+            expect(run.stderr).toMatch(/error: the copy and switch on 127\.0\.0\.1 port \d+ did not end within 7s \(buildTimeoutSeconds \+ activationTimeoutSeconds \+ 2s\), while building the new system/);
+            expect(fs.readdirSync(sshd.localTmp)).toEqual([]);
+            // Thawed, the host finishes its step; unconfirmed, it rolls itself back.
+            await waitFor("the thawed host to end its switch unit", () => unitProcesses(sshd).length === 0, 20000);
+        });
+
         const uploads = (sshd: TestSshd) => fs.readdirSync(sshd.stateDir).filter((name) => name.startsWith("upload."));
+
+        /** The processes of the fake host's switch unit (setsid'd by the systemd-run stand-in). */
+        function unitProcesses(sshd: TestSshd): number[] {
+            const out = spawnSync("pgrep", ["-f", `${sshd.stateDir}/bin/remote-switch.sh switch|nixos-rebuild build --flake path:${sshd.stateDir}|sleep`], { encoding: "utf8" });
+            const mine = out.stdout.split("\n").filter(Boolean).map(Number);
+            // Only those under this host's directories (the sleep of its build stand-in included).
+            return mine.filter((pid) => {
+                try {
+                    const cmdline = fs.readFileSync(`/proc/${pid}/cmdline`, "utf8");
+                    const environ = fs.readFileSync(`/proc/${pid}/environ`, "utf8");
+                    return cmdline.includes(sshd.stateDir) || environ.includes(sshd.stateDir);
+                } catch {
+                    return false;
+                }
+            });
+        }
 
         /** What bash does for a command it cannot find (execute_cmd.c: "command not found", status 127). */
         function removeCommand(sshd: TestSshd, name: string): void {

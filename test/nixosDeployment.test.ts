@@ -38,6 +38,8 @@ describe("NixosDeployment", () => {
             NIXOS_EC2_FLAKE_DIR: "nix",
             NIXOS_EC2_FLAKE_ATTR: "prod",
             NIXOS_EC2_CONNECT_TIMEOUT_SECONDS: "600",
+            NIXOS_EC2_BUILD_TIMEOUT_SECONDS: "3600",
+            NIXOS_EC2_ACTIVATION_TIMEOUT_SECONDS: "90",
             NIXOS_EC2_ROLLBACK_TIMEOUT_SECONDS: "120",
             NIXOS_EC2_ALLOW_FAILED_UNITS: "false",
         });

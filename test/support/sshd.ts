@@ -71,6 +71,8 @@ export interface HostBehaviour {
     systemState?: string;
     /** Seconds `systemctl is-system-running --wait` takes. */
     settleDelaySeconds?: number;
+    /** Seconds the new system's switch-to-configuration takes before it activates. */
+    switchDelaySeconds?: number;
     /** KiB that `df -Pk` reports free (a nearly full disk); unset, the real df answers. */
     diskFreeKib?: number;
     /** The host's tar fails half way through receiving the upload, as on a full disk. */
@@ -82,6 +84,8 @@ export interface SshdOptions {
     startAfterMs?: number;
     /** Sets NIXOS_EC2_HEALTH_URL for sessions; unset, the deploy uses its production default. */
     healthUrl?: string;
+    /** Sets NIXOS_EC2_PROGRESS_SECONDS for sessions: how often a long build says it still runs. */
+    progressSeconds?: number;
 }
 
 export interface TestSshd {
@@ -188,6 +192,7 @@ function sshdConfig(o: {
     hostDir: string;
     user: string;
     healthUrl?: string;
+    progressSeconds?: number;
 }): string {
     const env = [
         `PATH=${path.join(o.hostDir, "bin")}:/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin`,
@@ -199,6 +204,9 @@ function sshdConfig(o: {
     ];
     if (o.healthUrl !== undefined) {
         env.push(`NIXOS_EC2_HEALTH_URL=${o.healthUrl}`);
+    }
+    if (o.progressSeconds !== undefined) {
+        env.push(`NIXOS_EC2_PROGRESS_SECONDS=${o.progressSeconds}`);
     }
     return [
         "ListenAddress 127.0.0.1",
@@ -254,7 +262,7 @@ export async function startSshd(options: SshdOptions = {}): Promise<TestSshd> {
     const port = await freePort();
     const configFile = path.join(dir, "sshd_config");
     const logFile = path.join(dir, "sshd.log");
-    fs.writeFileSync(configFile, sshdConfig({ port, dir, hostDir, user, healthUrl: options.healthUrl }));
+    fs.writeFileSync(configFile, sshdConfig({ port, dir, hostDir, user, healthUrl: options.healthUrl, progressSeconds: options.progressSeconds }));
     if (process.getuid?.() === 0) {
         // A root sshd needs its privilege separation directory, normally made by its service unit.
         fs.mkdirSync("/run/sshd", { recursive: true, mode: 0o755 });
@@ -320,6 +328,7 @@ export async function startSshd(options: SshdOptions = {}): Promise<TestSshd> {
             writeControl(hostDir, "health", b.health);
             writeControl(hostDir, "system-state", b.systemState);
             writeControl(hostDir, "settle-delay", b.settleDelaySeconds);
+            writeControl(hostDir, "switch-delay", b.switchDelaySeconds);
             writeControl(hostDir, "disk-free-kib", b.diskFreeKib);
             writeControl(hostDir, "upload-fails", b.uploadFails);
         },
@@ -386,6 +395,8 @@ export function deployEnv(sshd: TestSshd, overrides: Record<string, string> = {}
         NIXOS_EC2_FLAKE_DIR: sshd.flakeDir,
         NIXOS_EC2_FLAKE_ATTR: "web",
         NIXOS_EC2_CONNECT_TIMEOUT_SECONDS: "10",
+        NIXOS_EC2_BUILD_TIMEOUT_SECONDS: "60",
+        NIXOS_EC2_ACTIVATION_TIMEOUT_SECONDS: "4",
         NIXOS_EC2_ROLLBACK_TIMEOUT_SECONDS: "5",
         NIXOS_EC2_ALLOW_FAILED_UNITS: "false",
         ...overrides,
