@@ -6,11 +6,11 @@ import * as fs from "node:fs";
 import * as net from "node:net";
 import * as path from "node:path";
 import { spawnSync } from "node:child_process";
-import { callIndex, expectNoSecretLeft, stdoutLines, useHosts, waitFor, waitForRollback } from "./support/deployTest";
-import { deployEnv, runDeploy, sshdCommand, TestSshd } from "./support/sshd";
+import { DEPLOY_TOOLS, callIndex, expectNoSecretLeft, stdoutLines, useHosts, waitFor, waitForRollback } from "./support/deployTest";
+import { deployEnv, runDeploy, TestSshd } from "./support/sshd";
 import { describeWithTools } from "./support/tools";
 
-describeWithTools([sshdCommand(), "ssh", "ssh-keygen", "tar", "flock", "setsid", "timeout", "sha256sum"])(
+describeWithTools(DEPLOY_TOOLS)(
     "deploy/nixos-deploy.sh under faults",
     () => {
         const host = useHosts();

@@ -6,9 +6,9 @@
 import { execFileSync, spawnSync } from "node:child_process";
 import * as fs from "node:fs";
 import * as path from "node:path";
-import { deployEnv, freePort, runDeploy, sshdCommand } from "./support/sshd";
+import { deployEnv, freePort, runDeploy } from "./support/sshd";
 import { flakeFiles } from "../lib/flakeHash";
-import { callIndex, deployId, expectNoSecretLeft, secretLines, stdoutLines, unitFile, useHosts } from "./support/deployTest";
+import { DEPLOY_TOOLS, callIndex, deployId, expectNoSecretLeft, secretLines, stdoutLines, unitFile, useHosts } from "./support/deployTest";
 import { describeWithTools } from "./support/tools";
 
 const REPO = path.resolve(__dirname, "..");
@@ -56,7 +56,7 @@ describeWithTools(["shellcheck"])("deploy scripts", () => {
     });
 });
 
-describeWithTools([sshdCommand(), "ssh", "ssh-keygen", "tar", "flock", "setsid", "timeout", "sha256sum"])(
+describeWithTools(DEPLOY_TOOLS)(
     "deploy/nixos-deploy.sh against a loopback sshd",
     () => {
         const host = useHosts();

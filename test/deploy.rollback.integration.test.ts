@@ -5,11 +5,11 @@
  */
 import * as fs from "node:fs";
 import * as path from "node:path";
-import { callIndex, controlMasterPid, deployId, expectNoSecretLeft, expectRolledBackWithLogTail, stdoutLines, TAIL_HEADER, unitFile, useHosts, waitFor, waitForRollback } from "./support/deployTest";
-import { deployEnv, runDeploy, sshdCommand } from "./support/sshd";
+import { DEPLOY_TOOLS, callIndex, controlMasterPid, deployId, expectNoSecretLeft, expectRolledBackWithLogTail, stdoutLines, TAIL_HEADER, unitFile, useHosts, waitFor, waitForRollback } from "./support/deployTest";
+import { deployEnv, runDeploy } from "./support/sshd";
 import { describeWithTools } from "./support/tools";
 
-describeWithTools([sshdCommand(), "ssh", "ssh-keygen", "tar", "flock", "setsid", "timeout", "sha256sum"])(
+describeWithTools(DEPLOY_TOOLS)(
     "deploy/nixos-deploy.sh against a loopback sshd: failures and rollbacks",
     () => {
         const host = useHosts();

@@ -5,7 +5,10 @@
 import { spawnSync } from "node:child_process";
 import * as fs from "node:fs";
 import * as path from "node:path";
-import { DeployRun, SshdOptions, startSshd, TestSshd } from "./sshd";
+import { DeployRun, sshdCommand, SshdOptions, startSshd, TestSshd } from "./sshd";
+
+/** What the deploy integration tests need on this machine (describeWithTools). */
+export const DEPLOY_TOOLS = [sshdCommand(), "ssh", "ssh-keygen", "tar", "flock", "setsid", "timeout", "sha256sum"];
 
 export const TAIL_HEADER = /---- last 40 lines of \S+ on \S+ ----/;
 
