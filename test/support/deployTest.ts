@@ -8,7 +8,7 @@ import * as path from "node:path";
 import { DeployRun, sshdCommand, SshdOptions, startSshd, TestSshd } from "./sshd";
 
 /** What the deploy integration tests need on this machine (describeWithTools). */
-export const DEPLOY_TOOLS = [sshdCommand(), "ssh", "ssh-keygen", "tar", "flock", "setsid", "timeout", "sha256sum"];
+export const DEPLOY_TOOLS = [sshdCommand(), "ssh", "ssh-keygen", "tar", "flock", "setsid", "timeout", "sha256sum", "pgrep"];
 
 export const TAIL_HEADER = /---- last 40 lines of \S+ on \S+ ----/;
 
