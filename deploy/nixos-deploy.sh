@@ -337,7 +337,8 @@ try_master() {
             MASTER_PID=""
             return 1
         fi
-        if ssh "${CONTROL_OPT[@]}" -O check "$TARGET" >/dev/null 2>&1; then
+        # ssh makes the socket once it is logged in; asking the master itself costs a process.
+        if [[ -S $CONTROL_PATH ]] && ssh "${CONTROL_OPT[@]}" -O check "$TARGET" >/dev/null 2>&1; then
             return 0
         fi
         if ((SECONDS > until)); then
@@ -347,7 +348,7 @@ try_master() {
             printf 'the SSH handshake did not finish within %ss (the server accepted the connection and then stalled)\n' "$seconds" >"$err"
             return 2
         fi
-        wait_for sleep 0.1
+        wait_for sleep 0.05
     done
 }
 
