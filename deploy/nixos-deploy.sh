@@ -441,14 +441,14 @@ host_log_hint() {
 
 # Session on connection 1: the tar stream, then the switch, whose log streams to stderr.
 # Runs as a job (see wait_for), so it leaves the statuses of tar and ssh in a file.
-# Its stderr (the host's log, streamed) goes through tee, a process of this script's group, both
-# to keep a copy that says which phase a stuck session is in and so that no process outside the
-# group holds the pipe Pulumi reads (a mux client hands its stdio to the master).
+# Its stderr (the host's log, streamed) goes through tee and bounded_log, processes of this
+# script's group: tee keeps a copy that says which phase a stuck session is in, and no process
+# outside the group holds the pipe Pulumi reads (a mux client hands its stdio to the master).
 send_and_switch() {
     set +e
     tar -C "$WORK/payload" -cf - new |
         ssh "${SSH_OPTS[@]}" -o ControlMaster=no "${CONTROL_OPT[@]}" \
-            "$TARGET" "$(remote_deploy_command)" >"$WORK/switch.out" 2> >(tee -a "$WORK/switch.log" >&2)
+            "$TARGET" "$(remote_deploy_command)" >"$WORK/switch.out" 2> >(tee -a "$WORK/switch.log" | bounded_log "$BUILD_OUTPUT_BYTES" >&2)
     printf '%s %s\n' "${PIPESTATUS[@]}" >"$WORK/switch.status"
     wait "$!" 2>/dev/null
 }
@@ -465,6 +465,49 @@ session_watchdog() {
     wait "$pause" || exit 0
     : >"$WORK/session.timed-out"
     ssh "${CONTROL_OPT[@]}" -O exit "$TARGET"
+}
+
+# bounded_log BUILD_BYTES: passes the host's log from stdin to stdout, bounded, because
+# @pulumi/command keeps a deploy's whole stdout and stderr in the stack's state, in every
+# checkpoint. Progress lines (remote-switch.sh's "[HH:MM:SS] ..."), up to PROGRESS_BYTES, and the
+# log tail a failure ends with, pass as they come, each cut to LINE_CHARS; other output (the
+# build's) passes for its first BUILD_BYTES, then one line says what was left out. The host keeps
+# the whole log. What one deploy prints stays under 16 KiB, whatever the build prints.
+readonly LINE_CHARS=200 PROGRESS_BYTES=3072 TAIL_BYTES=8192 BUILD_OUTPUT_BYTES=2048
+bounded_log() {
+    # Bytes, not characters, in ${#line}.
+    local LC_ALL=C
+    local build_left=$1 progress_left=$PROGRESS_BYTES tail_left=$TAIL_BYTES in_tail=false line
+    local dropped=0 dropped_progress=0
+    while IFS= read -r line || [[ -n $line ]]; do
+        ((${#line} > LINE_CHARS)) && line="${line:0:LINE_CHARS}..."
+        if [[ $line == "---- last "*" lines of "* ]]; then
+            in_tail=true
+        fi
+        if [[ $in_tail == true ]]; then
+            if ((tail_left > 0)); then
+                printf '%s\n' "$line"
+                tail_left=$((tail_left - ${#line} - 1))
+            fi
+            [[ $line == "---- end of log ----" ]] && in_tail=false
+        elif [[ $line =~ ^\[[0-9]{2}:[0-9]{2}:[0-9]{2}\]\  ]]; then
+            if ((progress_left > 0)); then
+                printf '%s\n' "$line"
+                progress_left=$((progress_left - ${#line} - 1))
+            else
+                dropped_progress=$((dropped_progress + 1))
+            fi
+        elif ((build_left > 0)); then
+            printf '%s\n' "$line"
+            build_left=$((build_left - ${#line} - 1))
+        else
+            ((dropped == 0)) && printf 'nixos-deploy: (more build output is left out here to keep the stack'"'"'s state small; the host keeps the whole log)\n'
+            dropped=$((dropped + 1))
+        fi
+    done
+    if ((dropped > 0 || dropped_progress > 0)); then
+        printf 'nixos-deploy: (%s lines of build output and %s progress lines were left out here)\n' "$dropped" "$dropped_progress"
+    fi
 }
 
 # The phase the host's log last reached (remote-switch.sh says "building", then "activating").
@@ -585,8 +628,7 @@ confirm() {
         status=0
         wait_for ssh "${SSH_OPTS[@]}" -o ConnectTimeout="$MAX_ATTEMPT_SECONDS" -o ControlMaster=no -o ControlPath=none \
             "$TARGET" "$(remote_confirm_command)" >"$WORK/confirm.out" 2>"$WORK/confirm.err" || status=$?
-        printf '%s' "$(<"$WORK/confirm.err")" >&2
-        [[ -s $WORK/confirm.err ]] && printf '\n' >&2
+        bounded_log 1024 <"$WORK/confirm.err" >&2
         case $status in
         0) return 0 ;;
         "$REMOTE_ROLLED_BACK")

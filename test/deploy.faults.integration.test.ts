@@ -158,6 +158,33 @@ describeWithTools(DEPLOY_TOOLS)(
             await waitFor("the thawed host to end its switch unit", () => unitProcesses(sshd).length === 0, 20000);
         });
 
+        test.each([
+            ["succeeds", 0],
+            ["fails", 1],
+        ])("a build that prints 10,000 lines keeps under 16 KiB of output (what Pulumi stores in state) when it %s", async (_what, buildExit) => {
+            const sshd = await host();
+            sshd.setBehaviour({ buildOutputLines: 10000, buildExit });
+            const run = await runDeploy(deployEnv(sshd));
+            expect(run.code).toBe(buildExit === 0 ? 0 : 1);
+            const stored = Buffer.byteLength(run.stdout) + Buffer.byteLength(run.stderr);
+            expect(stored).toBeLessThanOrEqual(16 * 1024);
+            // Live progress still shows: the phases, the first build lines, and what was left out.
+            expect(run.stderr).toMatch(/\] building path:/);
+            expect(run.stderr).toContain("fake build output line 1 of 10000");
+            expect(run.stderr).toMatch(/nixos-deploy: \(\d+ lines of build output and 0 progress lines were left out here\)/);
+            // The host keeps the whole log.
+            const hostLog = fs.readFileSync(path.join(sshd.stateDir, "deploy.log"), "utf8");
+            expect(hostLog).toContain("fake build output line 10000 of 10000");
+            if (buildExit === 0) {
+                expect(run.stderr).toContain("confirmed");
+            } else {
+                // The failure still ends with the log's tail and the error.
+                expect(run.stderr).toMatch(/---- last 40 lines of \S+ on \S+ ----/);
+                expect(run.stderr).toContain("fake build failure");
+                expect(run.stderr).toMatch(/error: building #web on 127\.0\.0\.1 port \d+ failed/);
+            }
+        });
+
         const uploads = (sshd: TestSshd) => fs.readdirSync(sshd.stateDir).filter((name) => name.startsWith("upload."));
 
         /** The processes of the fake host's switch unit (setsid'd by the systemd-run stand-in). */

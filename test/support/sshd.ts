@@ -61,6 +61,8 @@ export interface HostBehaviour {
     buildExit?: number;
     /** Seconds `nixos-rebuild build` takes. */
     buildDelaySeconds?: number;
+    /** Lines `nixos-rebuild build` prints, one per path, as a large first build does. */
+    buildOutputLines?: number;
     /** Exit status of the new system's switch-to-configuration (0, 1 = failed, 4 = units failed). */
     switchExit?: number;
     /** The new system installs an empty authorized_keys: new SSH connections are refused. */
@@ -323,6 +325,7 @@ export async function startSshd(options: SshdOptions = {}): Promise<TestSshd> {
         setBehaviour(b: HostBehaviour): void {
             writeControl(hostDir, "build-exit", b.buildExit);
             writeControl(hostDir, "build-delay", b.buildDelaySeconds);
+            writeControl(hostDir, "build-output-lines", b.buildOutputLines);
             writeControl(hostDir, "switch-exit", b.switchExit);
             writeControl(hostDir, "break-ssh", b.breakSsh);
             writeControl(hostDir, "health", b.health);
