@@ -440,7 +440,8 @@ export function runDeploy(env: NodeJS.ProcessEnv, options: RunDeployOptions = {}
     child.stdout.on("data", (chunk: Buffer) => (stdout += chunk.toString()));
     child.stderr.on("data", (chunk: Buffer) => {
         stderr += chunk.toString();
-        if (options.killWhen?.(stderr)) {
+        // Asked until it says kill, never after: later chunks (ssh's own farewell) do not count.
+        if (!killed && options.killWhen?.(stderr)) {
             killGroup();
         }
         const signal = signalled ? undefined : options.signalWhen?.(stderr);
