@@ -205,13 +205,14 @@ install_upload() {
 with_deadline() {
     local what=$1 seconds=$2 status=0 ticker
     shift 2
-    # The ticker's sleep must end with it: it holds the log pipe, which the unit waits on.
+    # The ticker's sleep holds no descriptor of the log pipe, which the unit and the SSH session
+    # wait on: killed between its start and `pause=$!`, it would outlive the ticker.
     (
         pause=""
         trap 'kill "$pause" 2>/dev/null; exit 0' TERM
         elapsed=0
         while :; do
-            sleep "$PROGRESS_SECONDS" &
+            sleep "$PROGRESS_SECONDS" >/dev/null 2>&1 &
             pause=$!
             wait "$pause"
             elapsed=$((elapsed + PROGRESS_SECONDS))

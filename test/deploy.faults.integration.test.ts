@@ -298,9 +298,16 @@ describeWithTools(DEPLOY_TOOLS)(
         test("the loser of two concurrent deploys is told that another deploy superseded it, not to raise a timeout", async () => {
             const sshd = await host();
             sshd.setBehaviour({ buildDelaySeconds: 1 });
-            const first = runDeploy(deployEnv(sshd, { NIXOS_EC2_ROLLBACK_TIMEOUT_SECONDS: "30" }));
-            // The second starts while the first builds, and waits for the host's lock.
-            await new Promise((resolve) => setTimeout(resolve, 400));
+            // The second starts once the first builds, and waits for the host's lock.
+            let building: () => void = () => undefined;
+            const firstBuilds = new Promise<void>((resolve) => (building = resolve));
+            const first = runDeploy(deployEnv(sshd, { NIXOS_EC2_ROLLBACK_TIMEOUT_SECONDS: "30" }), {
+                signalWhen: (stderr) => {
+                    if (stderr.includes("building the system configuration")) building();
+                    return undefined;
+                },
+            });
+            await firstBuilds;
             const second = runDeploy(deployEnv(sshd, { NIXOS_EC2_ROLLBACK_TIMEOUT_SECONDS: "30" }));
             const [a, b] = await Promise.all([first, second]);
             const [loser, winner] = a.code === 0 ? [b, a] : [a, b];
