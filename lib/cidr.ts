@@ -53,19 +53,71 @@ function toBigInt(bytes: number[]): bigint {
     return bytes.reduce((n, b) => (n << 8n) | BigInt(b), 0n);
 }
 
-/** The families (4, 6) whose whole address space the networks cover together. */
-export function wholeInternetCovered(networks: readonly Network[]): Array<4 | 6> {
-    const covered: Array<4 | 6> = [];
-    for (const family of [4, 6] as const) {
-        const ranges = networks.filter((n) => n.family === family).sort((a, b) => (a.first < b.first ? -1 : a.first > b.first ? 1 : 0));
-        let next = 0n; // the lowest address not yet covered
-        for (const r of ranges) {
-            if (r.first > next) break;
-            if (r.last + 1n > next) next = r.last + 1n;
-        }
-        if (next === 1n << BigInt(BITS[family])) covered.push(family);
+/**
+ * Address space that no host on the internet connects from (RFC 6890 special-purpose ranges:
+ * "this network", private, shared, loopback, link-local, documentation, benchmarking, multicast,
+ * reserved). A set of entries that covers everything else opens SSH to the whole internet as
+ * surely as 0.0.0.0/0 does. For IPv6, the internet is the global unicast space, 2000::/3.
+ */
+const NOT_INTERNET_V4 = [
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.0.2.0/24",
+    "192.88.99.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "198.51.100.0/24",
+    "203.0.113.0/24",
+    "224.0.0.0/3",
+];
+const INTERNET_V6 = ["2000::/3"];
+
+type Range = readonly [bigint, bigint];
+
+function rangeOf(cidr: string): Range {
+    const n = parseNetwork(cidr) as Network;
+    return [n.first, n.last];
+}
+
+/** The ranges of [0, 2^bits) that `holes` leave, in order. */
+function complement(holes: readonly Range[], bits: number): Range[] {
+    const out: Range[] = [];
+    let next = 0n;
+    for (const [first, last] of [...holes].sort((a, b) => (a[0] < b[0] ? -1 : 1))) {
+        if (first > next) out.push([next, first - 1n]);
+        if (last + 1n > next) next = last + 1n;
     }
-    return covered;
+    if (next < 1n << BigInt(bits)) out.push([next, (1n << BigInt(bits)) - 1n]);
+    return out;
+}
+
+const INTERNET: Record<4 | 6, Range[]> = {
+    4: complement(NOT_INTERNET_V4.map(rangeOf), 32),
+    6: INTERNET_V6.map(rangeOf),
+};
+
+/** Whether the union of `ranges` contains all of `target`. */
+function covers(ranges: readonly Range[], [from, to]: Range): boolean {
+    let next = from; // the lowest address of the target not yet covered
+    for (const [first, last] of [...ranges].sort((a, b) => (a[0] < b[0] ? -1 : 1))) {
+        if (first > next) break;
+        if (last + 1n > next) next = last + 1n;
+        if (next > to) return true;
+    }
+    return next > to;
+}
+
+/** The families (4, 6) whose whole internet (every public address) the networks cover together. */
+export function wholeInternetCovered(networks: readonly Network[]): Array<4 | 6> {
+    return ([4, 6] as const).filter((family) => {
+        const ranges = networks.filter((n) => n.family === family).map((n): Range => [n.first, n.last]);
+        return INTERNET[family].every((part) => covers(ranges, part));
+    });
 }
 
 /** Parsed networks; each problem is reported at its entry, and the list's own rules after. */

@@ -9,7 +9,7 @@
 import { closest, distance } from "fastest-levenshtein";
 import { z } from "zod";
 import { networkList, wholeInternetCovered } from "./cidr";
-import { declare, KeyDeclaration, optionalId, readKey, show, trueOrFalse, wholeNumber } from "./configSchema";
+import { cut, declare, KeyDeclaration, optionalId, readKey, show, trueOrFalse, wholeNumber } from "./configSchema";
 import { NetworkFile } from "./network";
 
 export const PROJECT = "nixos-ec2";
@@ -63,7 +63,12 @@ const instanceType = declare({
     description:
         "EC2 instance type of every host. Graviton types (t4g, c7g, m7g, a1, ...) boot the arm64 image and build aarch64-linux; others boot x86_64. " +
         "1 GiB types (t3.micro) are OOM-killed while evaluating nixpkgs.",
-    schema: (bad) => z.string(bad("is not an EC2 instance type")).regex(INSTANCE_TYPE, bad("is not an EC2 instance type")),
+    schema: (bad) =>
+        z
+            .string(bad("is not an EC2 instance type"))
+            .regex(INSTANCE_TYPE, bad("is not an EC2 instance type"))
+            // mac1/mac2 are Apple hardware on dedicated hosts, for macOS AMIs only.
+            .refine((t) => !t.startsWith("mac"), bad("is a Mac instance type, which runs macOS only")),
 });
 
 const rootVolumeGiB = declare({
@@ -298,10 +303,10 @@ function strayKeys(config: FullConfig, problems: string[], warnings: string[]): 
         if (namespace === PROJECT && !names.includes(name)) {
             const near = closest(name, names);
             const hint = distance(name.toLowerCase(), near.toLowerCase()) <= 3 ? `; did you mean ${key(near)}?` : "";
-            problems.push(`${key(name)}: unknown key; the project's keys are ${names.join(", ")}${hint}`);
+            problems.push(`${cut(key(name), 80)}: unknown key; the project's keys are ${names.join(", ")}${hint}`);
         } else if (namespace !== PROJECT && isMisspeltProject(namespace)) {
             const near = names.includes(name) ? name : closest(name, names);
-            warnings.push(`${full}: ignored, because "${namespace}" is not this project's namespace; did you mean ${key(near)}?`);
+            warnings.push(`${cut(full, 80)}: ignored, because "${cut(namespace, 40)}" is not this project's namespace; did you mean ${key(near)}?`);
         }
     }
 }
@@ -352,6 +357,17 @@ const RULES: Rule[] = [
         return [
             `${key("activationTimeoutSeconds")}: ${activationTimeoutSeconds} is not below ${key("rollbackTimeoutSeconds")} (${rollbackTimeoutSeconds}); ` +
                 `allowed: an activation deadline shorter than the rollback timer, which runs from the end of the build and must also cover the confirmation`,
+        ];
+    }),
+    rule(["ami", "instanceType", "hosts"], function oneArchitectureForAPinnedAmi({ ami, instanceType, hosts }) {
+        if (ami === undefined) return [];
+        const perHost = Object.values(hosts).map((h) => h.instanceType ?? instanceType);
+        const types = new Set(perHost.length > 0 ? perHost : [instanceType]);
+        const architectures = new Set([...types].map(architectureOf));
+        if (architectures.size < 2) return [];
+        return [
+            `${key("ami")}: ${show(ami)} is one image for hosts of two architectures (${[...types].join(", ")}); ` +
+                `allowed: a pinned AMI only when every host's instance type has its architecture, or no pinned AMI (the lookup finds one per architecture)`,
         ];
     }),
     rule(["hosts"], function hostsOrHostName({ hosts }, stack) {

@@ -68,7 +68,9 @@ export function optionalId(bad: Bad, pattern: RegExp, problem: string) {
 
 /** A value as it appears in a message: JSON, cut when long, so one huge value cannot flood it. */
 export function show(value: unknown, limit = 80): string {
-    return cut(JSON.stringify(value) ?? String(value), limit);
+    // JSON would print Infinity as null and -0 as 0.
+    const text = typeof value === "number" && (!Number.isFinite(value) || Object.is(value, -0)) ? String(value) : JSON.stringify(value);
+    return cut(text ?? String(value), limit);
 }
 
 export function cut(text: string, limit = 80): string {
@@ -111,7 +113,7 @@ function describeIssue(issue: z.core.$ZodIssue, where: string, shown: string, al
     const message = issue.message.includes("; allowed: ") ? issue.message : `is not allowed (${issue.message}); allowed: ${allowed}`;
     switch (issue.code) {
         case "unrecognized_keys":
-            return issue.keys.map((k) => `${at}.${k}: ${message}`);
+            return issue.keys.map((k) => `${at}.${cut(k, 60)}: ${message}`);
         case "invalid_key": // a record's key: the message names it, at the record's own path
             return [`${where}${steps.slice(0, -1).join("")}: ${message}`];
         default:

@@ -65,6 +65,8 @@ function walk(node: Node, text: string, options: JsonReadOptions): string | unde
         for (const property of node.children ?? []) {
             const [key, value] = property.children ?? [];
             const name = key.value as string;
+            // JavaScript objects cannot hold this key as data: it would vanish into the prototype.
+            if (name === "__proto__") return `has the key "__proto__" (at ${lineColumn(text, key.offset)}), which is not allowed`;
             if (seen.has(name)) return `has the key ${JSON.stringify(name)} twice (again at ${lineColumn(text, key.offset)}); each key may appear once`;
             seen.add(name);
             const inner = value && walk(value, text, options);

@@ -135,7 +135,7 @@ describe("parseSettings", () => {
         ["world SSH on prod as 0::/0", "prod", { sshAllowedCidrs: '["0::/0"]' }, /^nixos-ec2:sshAllowedCidrs\[0\]: "0::\/0" opens SSH to the whole IPv6 internet/],
         ["world SSH on prod as eight zero groups", "prod", { sshAllowedCidrs: '["203.0.113.0/24", "0:0:0:0:0:0:0:0/0"]' }, /^nixos-ec2:sshAllowedCidrs\[1\]: "0:0:0:0:0:0:0:0\/0" opens SSH to the whole IPv6 internet/],
         ["world SSH on prod as two IPv4 halves", "prod", { sshAllowedCidrs: '["0.0.0.0/1", "128.0.0.0/1"]' }, /^nixos-ec2:sshAllowedCidrs: \["0\.0\.0\.0\/1","128\.0\.0\.0\/1"\] together open SSH to the whole IPv4 internet, which stack "prod" refuses/],
-        ["world SSH on prod as IPv6 quarters", "prod", { sshAllowedCidrs: '["::/2", "4000::/2", "8000::/1", "203.0.113.0/24"]' }, /^nixos-ec2:sshAllowedCidrs: \["::\/2","4000::\/2","8000::\/1"\] together open SSH to the whole IPv6 internet/],
+        ["world SSH on prod as two halves of IPv6 global unicast", "prod", { sshAllowedCidrs: '["2000::/4", "3000::/4", "203.0.113.0/24"]' }, /^nixos-ec2:sshAllowedCidrs: \["2000::\/4","3000::\/4"\] together open SSH to the whole IPv6 internet/],
         ["a host volume that is a list", "staging", { ...base, hosts: '{"web": {"rootVolumeGiB": [40]}}' }, /^nixos-ec2:hosts\.web\.rootVolumeGiB: \[40\] is not allowed; allowed: a whole number from 8 to 16384$/],
         ["a host volume with a fraction", "staging", { ...base, hosts: '{"web": {"rootVolumeGiB": 40.5}}' }, /^nixos-ec2:hosts\.web\.rootVolumeGiB: 40\.5 is not allowed/],
         ["a host instance type that is a list", "staging", { ...base, hosts: '{"web": {"instanceType": ["t3.small"]}}' }, /^nixos-ec2:hosts\.web\.instanceType: \["t3\.small"\] is not an EC2 instance type/],
@@ -149,6 +149,18 @@ describe("parseSettings", () => {
         ["a bad VPC ID with a subnet: one problem, not also 'only subnetId is set'", "staging", { ...base, vpcId: "vpc-x", subnetId: "subnet-0123abcd" }, /^nixos-ec2:vpcId: "vpc-x" is not a VPC ID/],
         ["a build deadline under a minute", "staging", { ...base, buildTimeoutSeconds: "30" }, /^nixos-ec2:buildTimeoutSeconds: "30" is not allowed; allowed: a whole number from 60 to 86400$/],
         ["an activation deadline not below the rollback timer", "staging", { ...base, activationTimeoutSeconds: "120" }, /^nixos-ec2:activationTimeoutSeconds: 120 is not below nixos-ec2:rollbackTimeoutSeconds \(120\); allowed: an activation deadline shorter than the rollback timer/],
+        ["world SSH on prod as IPv6 global unicast", "prod", { sshAllowedCidrs: '["2000::/3"]' }, /^nixos-ec2:sshAllowedCidrs\[0\]: "2000::\/3" opens SSH to the whole IPv6 internet/],
+        [
+            "world SSH on prod as every public IPv4 block",
+            "prod",
+            { sshAllowedCidrs: JSON.stringify(["1.0.0.0/8", "2.0.0.0/7", "4.0.0.0/6", "8.0.0.0/5", "16.0.0.0/4", "32.0.0.0/3", "64.0.0.0/2", "128.0.0.0/2", "192.0.0.0/3"]) },
+            /^nixos-ec2:sshAllowedCidrs: \["1\.0\.0\.0\/8",.* together open SSH to the whole IPv4 internet/,
+        ],
+        ["a host map with a __proto__ key", "staging", { ...base, hosts: '{"web": {}, "__proto__": {"instanceType": "zz"}}' }, /^nixos-ec2:hosts: .* has the key "__proto__" \(at line 1 column 13\), which is not allowed/],
+        ["a Mac instance type", "staging", { ...base, instanceType: "mac2.metal" }, /^nixos-ec2:instanceType: "mac2\.metal" is a Mac instance type, which runs macOS only/],
+        ["a pinned AMI for hosts of two architectures", "staging", { ...base, ami: "ami-0123456789abcdef0", hosts: '{"web": {}, "arm": {"instanceType": "t4g.small"}}' }, /^nixos-ec2:ami: "ami-0123456789abcdef0" is one image for hosts of two architectures \(t3\.small, t4g\.small\)/],
+        ["a volume of 1e400", "staging", { ...base, hosts: '{"web": {"rootVolumeGiB": 1e400}}' }, /^nixos-ec2:hosts\.web\.rootVolumeGiB: Infinity is not allowed/],
+        ["a huge unknown key", "staging", { ...base, ["k".repeat(3000)]: "x" }, /^nixos-ec2:k{70}… \(3010 characters\): unknown key/],
         ["a host override of a key that is not per host", "staging", { ...base, hosts: '{"web": {"elasticIp": true}}' }, /^nixos-ec2:hosts\.web\.elasticIp: unknown host setting; allowed: instanceType, rootVolumeGiB, flakeAttr$/],
     ];
 
@@ -260,7 +272,7 @@ describe("the prod guard compares networks", () => {
     });
 
     it("accepts on prod large networks that leave part of the internet out", () => {
-        const cidrs = ["0.0.0.0/1", "128.0.0.0/2", "::/1", "8000::/2"];
+        const cidrs = ["0.0.0.0/1", "128.0.0.0/2", "4000::/2", "8000::/1"];
         expect(settingsOf("prod", { sshAllowedCidrs: JSON.stringify(cidrs) }).sshAllowedCidrs).toEqual(cidrs);
     });
 
