@@ -39,6 +39,9 @@ readonly UPLOAD_NO_SPACE=30 UPLOAD_FAILED=31
 readonly COMMAND_NOT_FOUND=127 SSH_FAILED=255
 # Room the upload must leave free beyond its own size, in KiB.
 readonly UPLOAD_HEADROOM_KIB=10240
+# An upload this old is stale even if a process of its PID runs (a PID reused after a reboot):
+# a deploy installs its upload within the host's lock wait (600 s) of receiving it.
+readonly STALE_UPLOAD_MINUTES=120
 
 WORK=""
 SOCKET_DIR=""
@@ -199,8 +202,17 @@ readonly MAX_SOCKET_PATH=80
 
 make_workdir() {
     umask 077
-    WORK=$(mktemp -d "${TMPDIR:-/tmp}/nixos-deploy.XXXXXX")
+    local base=${TMPDIR:-/tmp} LC_ALL=C
+    # ssh expands ${VAR} in these option values (ssh_config(5), ENVIRONMENT VARIABLES) and has
+    # no escape for it: such a TMPDIR is not used.
+    # shellcheck disable=SC2016 # the two characters, not an expansion
+    if [[ $base == *'${'* ]]; then
+        log "TMPDIR ($base) holds '\${', which ssh would expand in file paths; using /tmp instead"
+        base=/tmp
+    fi
+    WORK=$(mktemp -d "$base/nixos-deploy.XXXXXX")
     CONTROL_PATH=$WORK/cm
+    # ${#...} counts bytes under LC_ALL=C, as the socket limit does.
     if ((${#CONTROL_PATH} > MAX_SOCKET_PATH)); then
         SOCKET_DIR=$(mktemp -d /tmp/nxd.XXXXXX)
         CONTROL_PATH=$SOCKET_DIR/cm
@@ -408,8 +420,8 @@ close_master() {
 
 # Expanded by the remote shell: only the bootstrap that unpacks remote-switch.sh is inline. It
 # removes the uploads of earlier deploys that died (each is named after the PID of the shell that
-# received it), refuses at once when the upload cannot fit, and removes its own upload if the
-# transfer fails or the connection drops.
+# received it; any older than STALE_UPLOAD_MINUTES too), refuses at once when the upload cannot
+# fit, and removes its own upload if the transfer fails or the connection drops.
 remote_deploy_command() {
     local need_kib
     need_kib=$(($(du -sk "$WORK/payload" | awk '{print $1}') + UPLOAD_HEADROOM_KIB))
@@ -417,6 +429,7 @@ remote_deploy_command() {
     printf '%s' 'set -eu; umask 077; d="${NIXOS_EC2_STATE_DIR:-'"$DEFAULT_STATE_DIR"'}"; [ -d "$d" ] || mkdir -p "$d"; ' \
         'for o in "$d"/upload.*; do [ -e "$o" ] || continue; p=${o##*/upload.}; p=${p%%.*}; ' \
         'case $p in *[!0-9]* | "") rm -rf "$o" ;; *) kill -0 "$p" 2>/dev/null || rm -rf "$o" ;; esac; done; ' \
+        'find "$d" -maxdepth 1 -name "upload.*" -mmin +'"$STALE_UPLOAD_MINUTES"' -exec rm -rf {} + 2>/dev/null || true; ' \
         'free=$(df -Pk "$d" 2>/dev/null | awk '"'"'NR == 2 { print $4 }'"'"') || true; need='"$need_kib"'; ' \
         'case $free in "" | *[!0-9]*) ;; *) if [ "$free" -lt "$need" ]; then echo "nixos-ec2: not enough disk space for the upload: $free KiB free in $d, it needs $need KiB" >&2; exit '"$UPLOAD_NO_SPACE"'; fi ;; esac; ' \
         'u=$(mktemp -d "$d/upload.$$.XXXXXX"); trap '"'"'rm -rf "$u"'"'"' HUP INT TERM PIPE; ' \

@@ -201,10 +201,13 @@ install_upload() {
 
 # with_deadline WHAT SECONDS COMMAND...: runs COMMAND under coreutils timeout (which signals
 # the command's whole process group), saying every PROGRESS_SECONDS that WHAT still runs.
-# Returns COMMAND's status; 124 or 137 when the deadline stopped it.
+# Returns COMMAND's status; sets DEADLINE_HIT when the deadline, not something else (the OOM
+# killer's SIGKILL also gives 137), stopped it.
+DEADLINE_HIT=false
 with_deadline() {
-    local what=$1 seconds=$2 status=0 ticker
+    local what=$1 seconds=$2 status=0 ticker started=$SECONDS
     shift 2
+    DEADLINE_HIT=false
     # The ticker's sleep holds no descriptor of the log pipe, which the unit and the SSH session
     # wait on: killed between its start and `pause=$!`, it would outlive the ticker.
     (
@@ -223,11 +226,11 @@ with_deadline() {
     timeout --kill-after="$KILL_AFTER_SECONDS" "$seconds" "$@" 9>&- || status=$?
     kill "$ticker" 2>/dev/null || true
     wait "$ticker" 2>/dev/null || true
+    # timeout exits 124 when its TERM ended the command, 137 when its KILL had to.
+    if ((status == 124 || (status == 137 && SECONDS - started >= seconds))); then
+        DEADLINE_HIT=true
+    fi
     return "$status"
-}
-
-timed_out() {
-    (($1 == 124 || $1 == 137))
 }
 
 build_system() {
@@ -238,9 +241,14 @@ build_system() {
     (
         cd "$STATE_DIR"
         export NIX_CONFIG="${NIX_CONFIG:+$NIX_CONFIG$'\n'}extra-experimental-features = nix-command flakes"
-        with_deadline building "$seconds" nixos-rebuild build --flake "$flake_ref"
+        status=0
+        with_deadline building "$seconds" nixos-rebuild build --flake "$flake_ref" || status=$?
+        # Out of this subshell, only the status tells: 124 means the deadline, whatever timeout said.
+        if [[ $DEADLINE_HIT == true ]]; then exit 124; fi
+        ((status != 124)) || status=1
+        exit "$status"
     ) || status=$?
-    if timed_out "$status"; then
+    if ((status == 124)); then
         die "$EXIT_BUILD_TIMED_OUT" "building $flake_ref did not finish within ${seconds}s (buildTimeoutSeconds) and was stopped; this host was not changed"
     elif ((status != 0)); then
         die "$EXIT_BUILD_FAILED" "building $flake_ref failed; this host was not changed"
@@ -285,14 +293,14 @@ activate() {
     fi
     if ((status == 4)); then
         reason="some units failed to start (switch-to-configuration exited 4; allowFailedUnits is false)"
-    elif timed_out "$status"; then
+    elif [[ $DEADLINE_HIT == true ]]; then
         reason="activation did not finish within ${seconds}s (activationTimeoutSeconds) and was stopped"
     else
         reason="activation failed (exit status $status)"
     fi
     say "error: $reason"
     roll_back "$id" "$previous" "$reason" || exit "$EXIT_ROLLBACK_FAILED"
-    if timed_out "$status"; then
+    if [[ $DEADLINE_HIT == true ]]; then
         exit "$EXIT_ACTIVATION_TIMED_OUT"
     fi
     exit "$EXIT_ROLLED_BACK"

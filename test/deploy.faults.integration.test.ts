@@ -212,6 +212,8 @@ describeWithTools(DEPLOY_TOOLS)(
             ["a space", "with space"],
             ["ssh's % tokens", "per%cent %h %d %%"],
             ["quotes and a backslash", `quo"te's back\\slash`],
+            ["an environment variable in ssh's ${} syntax", "x${HOME}y"],
+            ["multi-byte characters", "Ω".repeat(30)],
         ])("works with a TMPDIR that holds %s", async (_what, name) => {
             const sshd = await host();
             const tmp = path.join(sshd.localTmp, name);
@@ -268,6 +270,15 @@ describeWithTools(DEPLOY_TOOLS)(
             expect(again.code).toBe(0);
             expect(sshd.generation()).toBe(2);
             expect(uploads(sshd)).toEqual([]);
+        });
+
+        test("a build killed by the kernel (exit status 137, the OOM killer's SIGKILL) is reported as a failed build, not as a deadline", async () => {
+            const sshd = await host();
+            sshd.setBehaviour({ buildExit: 137 });
+            const run = await runDeploy(deployEnv(sshd));
+            expect(run.code).toBe(1);
+            expect(run.stderr).toMatch(/error: building #web on 127\.0\.0\.1 port \d+ failed; the host was not changed/);
+            expect(run.stderr).not.toContain("did not finish within");
         });
 
         test("a deploy first removes the uploads of earlier deploys that died, and keeps those still arriving", async () => {
