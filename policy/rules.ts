@@ -12,7 +12,7 @@ import type { EnforcementLevel, PolicyResource, ReportViolation, ResourceValidat
 import { Network, parseNetwork, wholeInternetCovered } from "../lib/cidr";
 import { PRODUCTION_STACK } from "../lib/config";
 import { stackTags } from "../lib/tags";
-import { isSet } from "./unknown";
+import { isSet, isUnknownValueError } from "./unknown";
 
 /** What a scanner calls the same property; "none" where it has no such check. */
 export interface ScannerIds {
@@ -117,7 +117,7 @@ interface IpRule {
 /** The ingress or egress rules of a security group or of a standalone rule resource. */
 function ipRules(type: string, props: Record<string, any>, direction: "ingress" | "egress"): IpRule[] {
     const plain = (r: Record<string, any>): IpRule => ({
-        protocol: String(r.protocol ?? r.ipProtocol ?? ""),
+        protocol: protocolName(r.protocol ?? r.ipProtocol),
         fromPort: Number(r.fromPort ?? 0),
         toPort: Number(r.toPort ?? 65535),
         cidrs: [...(r.cidrBlocks ?? []), ...(r.ipv6CidrBlocks ?? []), ...(r.cidrIpv4 ? [r.cidrIpv4] : []), ...(r.cidrIpv6 ? [r.cidrIpv6] : [])],
@@ -128,40 +128,78 @@ function ipRules(type: string, props: Record<string, any>, direction: "ingress" 
     return [];
 }
 
-const allProtocols = (p: string) => p === "-1" || p === "all";
-const coversPort = (r: IpRule, port: number) => allProtocols(r.protocol) || (r.protocol === "tcp" && r.fromPort <= port && port <= r.toPort);
-
-function worldSshProblem(type: string, props: Record<string, any>): string | undefined {
-    const networks = ipRules(type, props, "ingress")
-        .filter((r) => coversPort(r, SSH_PORT))
-        .flatMap((r) => r.cidrs.map(parseNetwork))
-        .filter((n): n is Network => typeof n !== "string");
-    const families = wholeInternetCovered(networks);
-    return families.length > 0 ? `SSH (TCP 22) is open to the whole IPv${families.join(" and IPv")} internet; allow only named networks` : undefined;
+/** AWS takes protocol names in any case and IANA numbers: "TCP", "6" and "tcp" are one. */
+function protocolName(value: unknown): string {
+    const text = String(value ?? "").toLowerCase();
+    return ({ "6": "tcp", "17": "udp", "1": "icmp", all: "-1" } as Record<string, string>)[text] ?? text;
 }
 
-const SG_TYPES = [T.securityGroup, T.securityGroupRule, T.ingressRule, T.egressRule];
+const allProtocols = (p: string) => p === "-1";
+const coversPort = (r: IpRule, port: number) => allProtocols(r.protocol) || (r.protocol === "tcp" && r.fromPort <= port && port <= r.toPort);
+
+/** `object[key]`, or undefined when the key's value is unknown until deploy. */
+function known(object: Record<string, any>, key: string): unknown {
+    try {
+        return object[key];
+    } catch (e) {
+        if (isUnknownValueError(e)) return undefined;
+        throw e;
+    }
+}
+
+/**
+ * The security group a resource's ingress rules belong to: the group itself, or for a
+ * standalone rule the group it depends on (by its ID when that is known instead).
+ */
+function groupOf(resource: PolicyResource): string {
+    if (resource.type === T.securityGroup) return resource.urn;
+    const group = (resource.dependencies ?? []).find((d) => d.type === T.securityGroup);
+    return group?.urn ?? `id:${String(known(resource.props, "securityGroupId") ?? resource.urn)}`;
+}
+
+/** Per security group, the networks its rules (inline and standalone together) let reach SSH. */
+function sshNetworksByGroup(resources: PolicyResource[], prod: boolean): Map<string, { urn: string; networks: Network[] }> {
+    const groups = new Map<string, { urn: string; networks: Network[] }>();
+    for (const r of resources) {
+        if (!SG_TYPES.includes(r.type) || (stackOfUrn(r.urn) === PRODUCTION_STACK) !== prod) continue;
+        const networks = ipRules(r.type, r.props, "ingress")
+            .filter((rule) => coversPort(rule, SSH_PORT))
+            .flatMap((rule) => rule.cidrs.map(parseNetwork))
+            .filter((n): n is Network => typeof n !== "string");
+        const key = groupOf(r);
+        const entry = groups.get(key) ?? { urn: r.type === T.securityGroup ? r.urn : key.startsWith("id:") ? r.urn : key, networks: [] };
+        entry.networks.push(...networks);
+        groups.set(key, entry);
+    }
+    return groups;
+}
+
+const SG_TYPES: readonly string[] = [T.securityGroup, T.securityGroupRule, T.ingressRule, T.egressRule];
 
 /**
  * A pack's enforcement level is fixed per rule, so world SSH is two rules: mandatory for the
  * resources of the stack named prod (read from the URN), advisory for every other stack's.
  */
 function worldSshRule(prod: boolean): Rule {
-    return resourceRule(
-        prod ? "ssh-from-named-networks-prod" : "ssh-from-named-networks",
-        prod ? "mandatory" : "advisory",
-        prod
-            ? `On the stack named ${PRODUCTION_STACK}, no security group opens SSH to the whole internet`
-            : `On stacks other than ${PRODUCTION_STACK}, a security group that opens SSH to the whole internet is reported`,
-        { checkov: "CKV_AWS_24", trivy: "AVD-AWS-0107", securityHub: "EC2.13" },
-        "SSH is the way in as root; it is opened to the admins' networks only (nixos-ec2:sshAllowedCidrs).",
-        SG_TYPES,
-        (props, report, { type, urn }) => {
-            if ((stackOfUrn(urn) === PRODUCTION_STACK) !== prod) return;
-            const problem = worldSshProblem(type, props);
-            if (problem) report(problem);
+    const scanners = { checkov: "CKV_AWS_24", trivy: "AVD-AWS-0107", securityHub: "EC2.13" };
+    const summary = prod
+        ? `On the stack named ${PRODUCTION_STACK}, no security group opens SSH to the whole internet, counting its inline and standalone rules together`
+        : `On stacks other than ${PRODUCTION_STACK}, a security group that opens SSH to the whole internet is reported`;
+    return {
+        scanners,
+        why: "SSH is the way in as root; it is opened to the admins' networks only (nixos-ec2:sshAllowedCidrs).",
+        policy: {
+            name: prod ? "ssh-from-named-networks-prod" : "ssh-from-named-networks",
+            description: describe(summary, scanners),
+            enforcementLevel: prod ? "mandatory" : "advisory",
+            validateStack: (args, report) => {
+                for (const { urn, networks } of sshNetworksByGroup(args.resources, prod).values()) {
+                    const families = wholeInternetCovered(networks);
+                    if (families.length > 0) report(`SSH (TCP 22) is open to the whole IPv${families.join(" and IPv")} internet; allow only named networks`, urn);
+                }
+            },
         },
-    );
+    };
 }
 
 // --- S3 companions of a bucket ------------------------------------------------------------------
@@ -171,30 +209,53 @@ function companions(resources: PolicyResource[], bucket: PolicyResource, type: s
     return resources.filter((r) => r.type === type && (r.dependencies ?? []).some((d) => d.urn === bucket.urn));
 }
 
-function everyBucket(resources: PolicyResource[], report: ReportViolation, type: string, ok: (props: Record<string, any>) => boolean, missing: string): void {
+function everyBucket(
+    resources: PolicyResource[],
+    report: ReportViolation,
+    type: string,
+    ok: (props: Record<string, any>, bucket: PolicyResource) => boolean,
+    missing: string,
+): void {
     for (const bucket of resources.filter((r) => r.type === T.bucket)) {
-        if (!companions(resources, bucket, type).some((c) => ok(c.props))) report(missing, bucket.urn);
+        if (!companions(resources, bucket, type).some((c) => ok(c.props, bucket))) report(missing, bucket.urn);
     }
 }
 
-function deniesPlainHttp(policyText: unknown): boolean {
+/** A policy that denies every S3 action on the bucket and its objects to anyone without TLS, with no other condition. */
+function deniesPlainHttp(policyText: unknown, bucketName: unknown): boolean {
     let document: any;
     try {
         document = typeof policyText === "string" ? JSON.parse(policyText) : policyText;
     } catch {
         return false;
     }
+    const arn = `arn:aws:s3:::${String(bucketName)}`;
     const statements = Array.isArray(document?.Statement) ? document.Statement : [document?.Statement];
-    return statements.some(
-        (s: any) =>
-            s?.Effect === "Deny" &&
-            (s.Principal === "*" || s.Principal?.AWS === "*") &&
-            [s.Action].flat().some((a: unknown) => a === "s3:*") &&
-            String(s.Condition?.Bool?.["aws:SecureTransport"]) === "false",
-    );
+    return statements.some((st: any) => {
+        const resources = [st?.Resource].flat();
+        const conditions = st?.Condition ?? {};
+        return (
+            st?.Effect === "Deny" &&
+            (st.Principal === "*" || st.Principal?.AWS === "*") &&
+            [st.Action].flat().some((a: unknown) => a === "s3:*") &&
+            resources.includes(arn) &&
+            resources.includes(`${arn}/*`) &&
+            Object.keys(conditions).length === 1 &&
+            Object.keys(conditions.Bool ?? {}).length === 1 &&
+            String(conditions.Bool?.["aws:SecureTransport"]) === "false"
+        );
+    });
 }
 
-const USER_DATA_LINE = /^SSH_HOST_ED25519_KEY(_PUB)?:/;
+/** The host key as components/nixosHost.ts writes it: the private key with its newlines as "|", then the public key. */
+const USER_DATA_LINES = [
+    /^SSH_HOST_ED25519_KEY:-----BEGIN OPENSSH PRIVATE KEY-----(\|[A-Za-z0-9+/=]+)+\|-----END OPENSSH PRIVATE KEY-----$/,
+    /^SSH_HOST_ED25519_KEY_PUB:ssh-ed25519 [A-Za-z0-9+/]+={0,2}( [!-~]+)?$/,
+];
+
+function decodeBase64(value: unknown): string | undefined {
+    return typeof value === "string" ? Buffer.from(value, "base64").toString("utf8") : undefined;
+}
 
 /** The rules, in the order of the README's table. */
 export const RULES: Rule[] = [
@@ -286,7 +347,8 @@ export const RULES: Rule[] = [
         "S3 bucket policies deny requests without TLS",
         { checkov: "CKV_AWS_379 (only for buckets made public by ACL)", trivy: "none", securityHub: "S3.5" },
         "State and secrets must not cross the network in the clear, whatever client reads them.",
-        (resources, report) => everyBucket(resources, report, T.bucketPolicy, (p) => deniesPlainHttp(p.policy), 'no bucket policy denying "aws:SecureTransport": "false"'),
+        (resources, report) =>
+            everyBucket(resources, report, T.bucketPolicy, (p, bucket) => deniesPlainHttp(p.policy, bucket.props.bucket), 'no bucket policy denying every request to the bucket and its objects with "aws:SecureTransport": "false"'),
     ),
     resourceRule(
         "kms-key-rotation",
@@ -307,10 +369,13 @@ export const RULES: Rule[] = [
         "User-data is readable through the metadata service and by principals allowed ec2:DescribeInstanceAttribute; only the host key, which must be there for SSH to be trusted from the first connection, may be.",
         [T.instance],
         (props, report) => {
-            if (props.userData === undefined) return;
-            const lines = String(props.userData).split("\n").filter((l) => l !== "");
-            const other = lines.findIndex((l) => !USER_DATA_LINE.test(l));
-            if (other >= 0) report(`user-data line ${other + 1} is not an SSH_HOST_ED25519_KEY line; user-data may hold only the host key`);
+            const texts = [known(props, "userData"), decodeBase64(known(props, "userDataBase64"))].filter((t): t is string => typeof t === "string");
+            for (const text of texts) {
+                const lines = text.split("\n").filter((l) => l !== "");
+                const other = lines.findIndex((l, i) => !USER_DATA_LINES.some((re) => re.test(l)) || lines.indexOf(l) !== i);
+                if (other >= 0) report(`user-data line ${other + 1} is not one of the two SSH_HOST_ED25519_KEY lines; user-data may hold only the host key`);
+                else if (lines.length > 2) report("user-data holds more than the two host key lines");
+            }
         },
     ),
     resourceRule(
