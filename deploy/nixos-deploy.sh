@@ -81,6 +81,18 @@ wait_for() {
     wait "$!"
 }
 
+# progress_due REPORTS LAST CHANGED: whether a waiting loop should say something now. What it
+# says reaches the stack's state, so the gap between reports doubles after every 5 of them, and a
+# changed error is said at once only for the first 5: a two-hour wait prints about 35 lines.
+progress_due() {
+    local reports=$1 last=$2 changed=$3 gap
+    gap=$((PROGRESS_EVERY_SECONDS << (reports / 5 < 8 ? reports / 5 : 8)))
+    if [[ $changed == true ]] && ((reports < 5)); then
+        return 0
+    fi
+    ((SECONDS - last >= gap))
+}
+
 is_uint() {
     [[ $1 =~ ^[0-9]+$ ]]
 }
@@ -368,7 +380,7 @@ try_master() {
 # host key or authentication failure is final at once.
 open_master() {
     local deadline=$((SECONDS + CONNECT_TIMEOUT)) attempt=0 remaining attempt_seconds outcome
-    local delay=1 error_text="" last_error="" last_report=$((SECONDS - PROGRESS_EVERY_SECONDS))
+    local delay=1 error_text="" last_error="" last_report=$((SECONDS - PROGRESS_EVERY_SECONDS)) reports=0
     local err=$WORK/connect.err
     log "connecting to $WHERE as $REMOTE_USER (waiting up to ${CONNECT_TIMEOUT}s for SSH)"
     while :; do
@@ -401,10 +413,11 @@ open_master() {
                 "check that its security group allows TCP $PORT from this machine, and that the allowed CIDR contains this machine's current public IP" \
                 "check that NIXOS_EC2_HOST ($HOST) is the instance's current public address"
         fi
-        if [[ $error_text != "$last_error" ]] || ((SECONDS - last_report >= PROGRESS_EVERY_SECONDS)); then
-            log "waiting for SSH on $WHERE (attempt $attempt, $((deadline - SECONDS))s left): $error_text"
+        if progress_due "$reports" "$last_report" "$([[ $error_text != "$last_error" ]] && echo true || echo false)"; then
+            log "waiting for SSH on $WHERE (attempt $attempt, $((deadline - SECONDS))s left): ${error_text:0:160}"
             last_report=$SECONDS
             last_error=$error_text
+            reports=$((reports + 1))
         fi
         remaining=$((deadline - SECONDS))
         wait_for sleep $((delay < remaining ? delay : remaining))
@@ -635,13 +648,20 @@ copy_and_switch() {
 # Connection 2, always fresh: if the new system locked the admin out, this is where it shows.
 confirm() {
     local deadline=$((SECONDS + ROLLBACK_TIMEOUT)) status kind error_text delay=1 attempt=0
+    local reports=0 last_report=$((SECONDS - PROGRESS_EVERY_SECONDS)) last_error="" quiet
     log "confirming over a new SSH connection"
     while :; do
         attempt=$((attempt + 1))
         status=0
         wait_for ssh "${SSH_OPTS[@]}" -o ConnectTimeout="$MAX_ATTEMPT_SECONDS" -o ControlMaster=no -o ControlPath=none \
             "$TARGET" "$(remote_confirm_command)" >"$WORK/confirm.out" 2>"$WORK/confirm.err" || status=$?
-        bounded_log 1024 <"$WORK/confirm.err" >&2
+        error_text=$(last_line "$WORK/confirm.err")
+        # A connection that keeps failing the same way is said about as open_master says it.
+        quiet=false
+        if ((status == SSH_FAILED)) && ! progress_due "$reports" "$last_report" "$([[ $error_text != "$last_error" ]] && echo true || echo false)"; then
+            quiet=true
+        fi
+        [[ $quiet == true ]] || bounded_log 1024 <"$WORK/confirm.err" >&2
         case $status in
         0) return 0 ;;
         "$REMOTE_ROLLED_BACK")
@@ -676,13 +696,17 @@ confirm() {
             ;;
         esac
         kind=$(classify_ssh_error "$WORK/confirm.err")
-        error_text=$(last_line "$WORK/confirm.err")
         if [[ $kind != retry ]] || ((SECONDS + delay >= deadline)); then
-            fail "could not open a new SSH connection to $WHERE after the switch ($error_text). The new system may have broken SSH access for the admin; the host rolls itself back to $ROLLBACK_TARGET within ${ROLLBACK_TIMEOUT}s (rollbackTimeoutSeconds) because this deploy was not confirmed" \
+            fail "could not open a new SSH connection to $WHERE after the switch (${error_text:0:300}). The new system may have broken SSH access for the admin; the host rolls itself back to $ROLLBACK_TARGET within ${ROLLBACK_TIMEOUT}s (rollbackTimeoutSeconds) because this deploy was not confirmed" \
                 "wait ${ROLLBACK_TIMEOUT}s, then check SSH again; $(host_log_hint)" \
                 "look at what the new configuration changed about sshd, the firewall or users.users.$REMOTE_USER.openssh.authorizedKeys"
         fi
-        log "confirmation attempt $attempt failed ($error_text); retrying"
+        if [[ $quiet == false ]]; then
+            log "confirmation attempt $attempt failed (${error_text:0:160}); retrying"
+            last_report=$SECONDS
+            last_error=$error_text
+            reports=$((reports + 1))
+        fi
         wait_for sleep "$delay"
         delay=$((delay >= MAX_RETRY_DELAY_SECONDS ? MAX_RETRY_DELAY_SECONDS : delay + 1))
     done

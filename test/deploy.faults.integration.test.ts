@@ -185,6 +185,19 @@ describeWithTools(DEPLOY_TOOLS)(
             }
         });
 
+        test("a long wait for SSH says less and less: about 35 lines in two hours, whatever the errors", () => {
+            // progress_due from the script itself, on bash's own clock (SECONDS can be set).
+            const harness = [
+                `source <(sed -n '/^progress_due() {/,/^}/p' "$1")`,
+                "PROGRESS_EVERY_SECONDS=10 reports=0 last=-10",
+                'for ((t = 0; t <= 7200; t++)); do SECONDS=$t; if progress_due "$reports" "$last" true; then reports=$((reports + 1)); last=$t; fi; done',
+                'echo "$reports"',
+            ].join("\n");
+            const reports = Number(spawnSync("bash", ["-c", harness, "_", path.join(__dirname, "..", "deploy", "nixos-deploy.sh")], { encoding: "utf8" }).stdout.trim());
+            expect(reports).toBeGreaterThanOrEqual(20);
+            expect(reports).toBeLessThanOrEqual(40);
+        });
+
         const uploads = (sshd: TestSshd) => fs.readdirSync(sshd.stateDir).filter((name) => name.startsWith("upload."));
 
         /** The processes of the fake host's switch unit (setsid'd by the systemd-run stand-in). */
