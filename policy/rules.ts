@@ -12,7 +12,7 @@ import type { EnforcementLevel, PolicyResource, ReportViolation, ResourceValidat
 import { Network, parseNetwork, wholeInternetCovered } from "../lib/cidr";
 import { PRODUCTION_STACK } from "../lib/config";
 import { stackTags } from "../lib/tags";
-import { isSet, isUnknownValueError } from "./unknown";
+import { isSet, known } from "./unknown";
 
 /** What a scanner calls the same property; "none" where it has no such check. */
 export interface ScannerIds {
@@ -136,16 +136,6 @@ function protocolName(value: unknown): string {
 
 const allProtocols = (p: string) => p === "-1";
 const coversPort = (r: IpRule, port: number) => allProtocols(r.protocol) || (r.protocol === "tcp" && r.fromPort <= port && port <= r.toPort);
-
-/** `object[key]`, or undefined when the key's value is unknown until deploy. */
-function known(object: Record<string, any>, key: string): unknown {
-    try {
-        return object[key];
-    } catch (e) {
-        if (isUnknownValueError(e)) return undefined;
-        throw e;
-    }
-}
 
 /**
  * The security group a resource's ingress rules belong to: the group itself, or for a

@@ -16,14 +16,27 @@ export function isUnknownValueError(e: unknown): boolean {
     return e instanceof proxy.UnknownValueError;
 }
 
+const UNKNOWN = Symbol("unknown until deploy");
+
+/** `object[key]`, or UNKNOWN when the proxy says its value is known only after deploy. */
+function peek(object: Record<string, unknown>, key: string): unknown {
+    try {
+        return object[key];
+    } catch (e) {
+        if (isUnknownValueError(e)) return UNKNOWN;
+        throw e;
+    }
+}
+
+/** `object[key]`, or undefined when its value is unknown until deploy (the rule then judges nothing). */
+export function known(object: Record<string, unknown>, key: string): unknown {
+    const value = peek(object, key);
+    return value === UNKNOWN ? undefined : value;
+}
+
 /** Whether `object[key]` is set; a value that is unknown until deploy counts as set. */
 export function isSet(object: Record<string, unknown> | undefined, key: string): boolean {
     if (object === undefined || object === null || !(key in object)) return false;
-    try {
-        const value = object[key];
-        return value !== undefined && value !== null && value !== "";
-    } catch (e) {
-        if (isUnknownValueError(e)) return true;
-        throw e;
-    }
+    const value = peek(object, key);
+    return value === UNKNOWN || (value !== undefined && value !== null && value !== "");
 }
