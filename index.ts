@@ -48,6 +48,7 @@ const fleet = settings.hosts.map((host) => {
         sshPrivateKey: keys.adminPrivateKey,
         hostPublicKey: server.hostPublicKey,
         settings: settings.deploy,
+        rebootPolicy: host.rebootPolicy,
     });
     return { host, server, deployment };
 });
@@ -66,6 +67,7 @@ export const hosts = Object.fromEntries(
             hostPublicKey: server.hostPublicKey,
             systemPath: deployment.systemPath,
             generation: deployment.generation,
+            rebooted: deployment.rebooted,
         },
     ]),
 );

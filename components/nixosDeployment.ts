@@ -1,7 +1,7 @@
 import * as path from "node:path";
 import * as pulumi from "@pulumi/pulumi";
 import { Command } from "@pulumi/command/local/command";
-import { DeploySettings } from "../lib/config";
+import { DeploySettings, RebootPolicy } from "../lib/config";
 import { flakeHash } from "../lib/flakeHash";
 
 /**
@@ -25,6 +25,8 @@ export interface NixosDeploymentArgs {
     /** The only host key trusted, `ssh-ed25519 AAAA...`. */
     readonly hostPublicKey: pulumi.Input<string>;
     readonly settings: DeploySettings;
+    /** Whether the deploy may reboot the host (the host's rebootPolicy). */
+    readonly rebootPolicy: RebootPolicy;
     /** The flake directory to hash; defaults to nix/ of the project. */
     readonly flakeDir?: string;
 }
@@ -32,9 +34,11 @@ export interface NixosDeploymentArgs {
 export interface DeployResult {
     readonly systemPath: string;
     readonly generation: number;
+    /** Whether the deploy rebooted the host into the new system. */
+    readonly rebooted: boolean;
 }
 
-/** The deploy script's last stdout line: `{"systemPath":"/nix/store/...","generation":N}`. */
+/** The deploy script's last stdout line: `{"systemPath":"/nix/store/...","generation":N,"rebooted":B}`. */
 export function parseDeployResult(stdout: string): DeployResult {
     const last = stdout.trim().split("\n").pop() ?? "";
     let parsed: unknown;
@@ -43,11 +47,19 @@ export function parseDeployResult(stdout: string): DeployResult {
     } catch {
         throw new Error(`the deploy script's last line is not JSON: ${JSON.stringify(last.slice(0, 200))}`);
     }
-    const { systemPath, generation } = (parsed ?? {}) as Record<string, unknown>;
-    if (typeof systemPath !== "string" || !systemPath.startsWith("/nix/store/") || typeof generation !== "number" || !Number.isInteger(generation)) {
-        throw new Error(`the deploy script's result lacks systemPath (a /nix/store path) or generation (an integer): ${last.slice(0, 200)}`);
+    const { systemPath, generation, rebooted } = (parsed ?? {}) as Record<string, unknown>;
+    if (
+        typeof systemPath !== "string" ||
+        !systemPath.startsWith("/nix/store/") ||
+        typeof generation !== "number" ||
+        !Number.isInteger(generation) ||
+        typeof rebooted !== "boolean"
+    ) {
+        throw new Error(
+            `the deploy script's result lacks systemPath (a /nix/store path), generation (an integer) or rebooted (true or false): ${last.slice(0, 200)}`,
+        );
     }
-    return { systemPath, generation };
+    return { systemPath, generation, rebooted };
 }
 
 /**
@@ -71,6 +83,8 @@ export class NixosDeployment extends pulumi.ComponentResource {
     public readonly flakeHash: string;
     public readonly systemPath: pulumi.Output<string>;
     public readonly generation: pulumi.Output<number>;
+    /** Whether the last deploy rebooted the host. */
+    public readonly rebooted: pulumi.Output<boolean>;
 
     constructor(name: string, args: NixosDeploymentArgs, opts?: pulumi.ComponentResourceOptions) {
         super("nixos-ec2:index:NixosDeployment", name, args, opts);
@@ -97,6 +111,7 @@ export class NixosDeployment extends pulumi.ComponentResource {
                     NIXOS_EC2_ACTIVATION_TIMEOUT_SECONDS: String(args.settings.activationTimeoutSeconds),
                     NIXOS_EC2_ROLLBACK_TIMEOUT_SECONDS: String(args.settings.rollbackTimeoutSeconds),
                     NIXOS_EC2_ALLOW_FAILED_UNITS: String(args.settings.allowFailedUnits),
+                    NIXOS_EC2_REBOOT_POLICY: args.rebootPolicy,
                 },
             },
             { parent: this },
@@ -105,6 +120,7 @@ export class NixosDeployment extends pulumi.ComponentResource {
         const result = command.stdout.apply(parseDeployResult);
         this.systemPath = result.systemPath;
         this.generation = result.generation;
-        this.registerOutputs({ flakeHash: this.flakeHash, systemPath: this.systemPath, generation: this.generation });
+        this.rebooted = result.rebooted;
+        this.registerOutputs({ flakeHash: this.flakeHash, systemPath: this.systemPath, generation: this.generation, rebooted: this.rebooted });
     }
 }

@@ -6,9 +6,11 @@
 # Exactly two SSH connections per deploy:
 #   1. a ControlMaster, opened by the wait-for-SSH loop, that carries one session: the flake and
 #      deploy/remote-switch.sh as a tar stream, then the switch (a transient systemd unit on the
-#      host, so a dropped connection cannot stop it half way);
-#   2. a fresh connection that confirms the new system still lets the admin in. Until it does,
-#      a timer on the host rolls back to the generation recorded before the switch.
+#      host, so a dropped connection cannot stop it half way); when the new system cannot be
+#      switched to live and rebootPolicy allows it, a second session asks for the reboot;
+#   2. a fresh connection that confirms the new system still lets the admin in (after the
+#      reboot, that it booted the new system). Until it does, a timer on the host rolls back to
+#      the generation recorded before the switch (after a reboot: reboots into it).
 #
 # Progress and errors go to stderr. The only stdout line is the final JSON result.
 set -euo pipefail
@@ -33,7 +35,8 @@ readonly HOST_KEY_ALIAS=nixos-ec2-target
 # Exit statuses of deploy/remote-switch.sh (keep in sync with that file).
 readonly REMOTE_BUILD_FAILED=20 REMOTE_ROLLED_BACK=21 REMOTE_ROLLBACK_FAILED=22
 readonly REMOTE_BUSY=23 REMOTE_BAD_STATE=24 REMOTE_ALREADY_ROLLED_BACK=25 REMOTE_SUPERSEDED=26
-readonly REMOTE_BUILD_TIMED_OUT=27 REMOTE_ACTIVATION_TIMED_OUT=28
+readonly REMOTE_BUILD_TIMED_OUT=27 REMOTE_ACTIVATION_TIMED_OUT=28 REMOTE_REBOOT_REFUSED=29
+readonly REMOTE_NOT_REBOOTED=32
 # Exit statuses of the bootstrap (remote_deploy_command), before remote-switch.sh runs.
 readonly UPLOAD_NO_SPACE=30 UPLOAD_FAILED=31
 readonly COMMAND_NOT_FOUND=127 SSH_FAILED=255
@@ -58,6 +61,8 @@ ROLLBACK_TARGET="the generation recorded before the switch"
 PREVIOUS_GENERATION="<N>"
 # This deploy's log on the host, once remote-switch.sh has made it (it prints "log=PATH").
 HOST_LOG=""
+# The host's boot ID before the reboot, when the switch prepared one (it prints "reboot=ID").
+BOOT_BEFORE=""
 
 log() {
     printf 'nixos-deploy: %s\n' "$*" >&2
@@ -112,6 +117,7 @@ validate_inputs() {
     ACTIVATION_TIMEOUT=${NIXOS_EC2_ACTIVATION_TIMEOUT_SECONDS:-}
     ROLLBACK_TIMEOUT=${NIXOS_EC2_ROLLBACK_TIMEOUT_SECONDS:-}
     ALLOW_FAILED_UNITS=${NIXOS_EC2_ALLOW_FAILED_UNITS:-}
+    REBOOT_POLICY=${NIXOS_EC2_REBOOT_POLICY:-}
 
     # A leading "-" would turn the address into an ssh option.
     if [[ ! $HOST =~ ^[A-Za-z0-9_.:%][A-Za-z0-9_.:%-]*$ ]]; then
@@ -160,6 +166,10 @@ validate_inputs() {
     if [[ $ALLOW_FAILED_UNITS != true && $ALLOW_FAILED_UNITS != false ]]; then
         errors+=("NIXOS_EC2_ALLOW_FAILED_UNITS (allowFailedUnits) must be 'true' or 'false' (got '${ALLOW_FAILED_UNITS}')")
     fi
+    case $REBOOT_POLICY in
+    never | when-required | always) ;;
+    *) errors+=("NIXOS_EC2_REBOOT_POLICY (rebootPolicy) must be 'never', 'when-required' or 'always' (got '${REBOOT_POLICY:0:40}')") ;;
+    esac
     if ((${#errors[@]} > 0)); then
         printf 'nixos-deploy: error: invalid deploy input:\n' >&2
         printf 'nixos-deploy:   - %s\n' "${errors[@]}" >&2
@@ -448,13 +458,13 @@ remote_deploy_command() {
         'u=$(mktemp -d "$d/upload.$$.XXXXXX"); trap '"'"'rm -rf "$u"'"'"' HUP INT TERM PIPE; ' \
         'tar --no-same-owner -m -xf - -C "$u" || { s=$?; rm -rf "$u"; echo "nixos-ec2: receiving the upload into $u failed (tar exited $s); removed it" >&2; exit '"$UPLOAD_FAILED"'; }; ' \
         'trap - HUP INT TERM PIPE; ' \
-        'exec bash "$u/new/bin/remote-switch.sh" deploy "$u" '"$DEPLOY_ID $FLAKE_ATTR $ROLLBACK_TIMEOUT $ALLOW_FAILED_UNITS $BUILD_TIMEOUT $ACTIVATION_TIMEOUT"
+        'exec bash "$u/new/bin/remote-switch.sh" deploy "$u" '"$DEPLOY_ID $FLAKE_ATTR $ROLLBACK_TIMEOUT $ALLOW_FAILED_UNITS $BUILD_TIMEOUT $ACTIVATION_TIMEOUT $REBOOT_POLICY"
 }
 
-remote_confirm_command() {
+# remote_command ARGS...: runs the installed remote-switch.sh with ARGS (words that need no quoting).
+remote_command() {
     # shellcheck disable=SC2016
-    printf 'exec bash "${NIXOS_EC2_STATE_DIR:-%s}/bin/remote-switch.sh" confirm %s %s %s' \
-        "$DEFAULT_STATE_DIR" "$DEPLOY_ID" "$ALLOW_FAILED_UNITS" "$ROLLBACK_TIMEOUT"
+    printf 'exec bash "${NIXOS_EC2_STATE_DIR:-%s}/bin/remote-switch.sh" %s' "$DEFAULT_STATE_DIR" "$*"
 }
 
 host_log_hint() {
@@ -574,6 +584,7 @@ copy_and_switch() {
     local recorded line
     while IFS= read -r line; do
         [[ $line == log=/* ]] && HOST_LOG=${line#log=}
+        [[ $line =~ ^reboot=([0-9a-f-]+)$ ]] && BOOT_BEFORE=${BASH_REMATCH[1]}
     done <"$WORK/switch.out"
     recorded=$(last_line "$WORK/switch.out")
     if is_uint "$recorded"; then
@@ -590,6 +601,11 @@ copy_and_switch() {
     "$REMOTE_ACTIVATION_TIMED_OUT")
         fail "activating #$FLAKE_ATTR on $WHERE did not finish within ${ACTIVATION_TIMEOUT}s (activationTimeoutSeconds); it was stopped and the host rolled back to $ROLLBACK_TARGET (log tail above)" \
             "see in the log which unit activation was waiting for; $(host_log_hint)"
+        ;;
+    "$REMOTE_REBOOT_REFUSED")
+        fail "#$FLAKE_ATTR cannot be switched to live on $WHERE and needs a reboot, which rebootPolicy=never forbids; the host was not changed and still runs $ROLLBACK_TARGET (log tail above)" \
+            "set rebootPolicy to when-required for this host (nixos-ec2:rebootPolicy, or hosts.<name>.rebootPolicy) and run 'pulumi up' again: the deploy then boots the new system once and confirms it" \
+            "or leave the change out of the flake until a reboot is acceptable"
         ;;
     "$REMOTE_BUILD_FAILED")
         fail "building #$FLAKE_ATTR on $WHERE failed; the host was not changed (log tail above)" \
@@ -645,57 +661,103 @@ copy_and_switch() {
     esac
 }
 
+# Over connection 1, after the switch prepared a boot of the new system: reboot the host. The
+# session ends with the connection when the host goes down, so only a refusal counts.
+request_reboot() {
+    local status=0
+    log "the new system needs a reboot; rebooting $WHERE into it (generation ${ROLLBACK_TARGET#generation } stays the boot default until it is confirmed)"
+    wait_for ssh "${SSH_OPTS[@]}" -o ControlMaster=no "${CONTROL_OPT[@]}" "$TARGET" "$(remote_command reboot "$DEPLOY_ID")" \
+        </dev/null >/dev/null 2>"$WORK/reboot.err" || status=$?
+    bounded_log 1024 <"$WORK/reboot.err" >&2
+    case $status in
+    0 | "$SSH_FAILED") ;;
+    *)
+        fail "$WHERE did not reboot (remote exit status $status, see above); the prepared boot was undone or is undone within ${ROLLBACK_TIMEOUT}s, and the host runs $ROLLBACK_TARGET" \
+            "$(host_log_hint)"
+        ;;
+    esac
+}
+
 # Connection 2, always fresh: if the new system locked the admin out, this is where it shows.
+# MODE is live (after a live switch) or boot (after the reboot: the wait for the host to come
+# back has the same deadline as the first wait for SSH, deployConnectTimeoutSeconds).
 confirm() {
-    local deadline=$((SECONDS + ROLLBACK_TIMEOUT)) status kind error_text delay=1 attempt=0
+    local mode=$1 deadline status kind error_text delay=1 attempt=0 command
     local reports=0 last_report=$((SECONDS - PROGRESS_EVERY_SECONDS)) last_error="" quiet
-    log "confirming over a new SSH connection"
+    if [[ $mode == boot ]]; then
+        deadline=$((SECONDS + CONNECT_TIMEOUT))
+        command=$(remote_command confirm-boot "$DEPLOY_ID" "$ALLOW_FAILED_UNITS" "$ROLLBACK_TIMEOUT")
+        log "waiting up to ${CONNECT_TIMEOUT}s for $WHERE to come back with the same host key, then confirming"
+    else
+        deadline=$((SECONDS + ROLLBACK_TIMEOUT))
+        command=$(remote_command confirm "$DEPLOY_ID" "$ALLOW_FAILED_UNITS" "$ROLLBACK_TIMEOUT")
+        log "confirming over a new SSH connection"
+    fi
     while :; do
         attempt=$((attempt + 1))
         status=0
         wait_for ssh "${SSH_OPTS[@]}" -o ConnectTimeout="$MAX_ATTEMPT_SECONDS" -o ControlMaster=no -o ControlPath=none \
-            "$TARGET" "$(remote_confirm_command)" >"$WORK/confirm.out" 2>"$WORK/confirm.err" || status=$?
+            "$TARGET" "$command" >"$WORK/confirm.out" 2>"$WORK/confirm.err" || status=$?
         error_text=$(last_line "$WORK/confirm.err")
         # A connection that keeps failing the same way is said about as open_master says it.
         quiet=false
-        if ((status == SSH_FAILED)) && ! progress_due "$reports" "$last_report" "$([[ $error_text != "$last_error" ]] && echo true || echo false)"; then
+        if ((status == SSH_FAILED || status == REMOTE_NOT_REBOOTED)) && ! progress_due "$reports" "$last_report" "$([[ $error_text != "$last_error" ]] && echo true || echo false)"; then
             quiet=true
         fi
         [[ $quiet == true ]] || bounded_log 1024 <"$WORK/confirm.err" >&2
-        case $status in
-        0) return 0 ;;
-        "$REMOTE_ROLLED_BACK")
+        case $mode:$status in
+        *:0) return 0 ;;
+        boot:"$REMOTE_ROLLED_BACK")
+            fail "the new system on $WHERE did not pass after the reboot, and the host goes back to $ROLLBACK_TARGET, booted (see above)" \
+                "$(host_log_hint)" \
+                "a degraded system (failed units) fails the deploy unless allowFailedUnits is true; the health check must answer 'ok'"
+            ;;
+        boot:"$REMOTE_NOT_REBOOTED") ;;
+        boot:"$SSH_FAILED")
+            if [[ $(classify_ssh_error "$WORK/confirm.err") == auth ]]; then
+                fail "after the reboot, $WHERE refused the SSH key for user '$REMOTE_USER' ($(last_line "$WORK/confirm.err")): the new system locked the admin out. Unconfirmed, the host reboots into $ROLLBACK_TARGET by itself within ${ROLLBACK_TIMEOUT}s (rollbackTimeoutSeconds) of its boot" \
+                    "wait, then check SSH again; $(host_log_hint)" \
+                    "look at what the new configuration changed about users.users.$REMOTE_USER.openssh.authorizedKeys or sshd"
+            fi
+            ;;
+        *:"$REMOTE_ROLLED_BACK")
             fail "the new system on $WHERE failed its checks after the switch and was rolled back to $ROLLBACK_TARGET (see above)" \
                 "$(host_log_hint)" \
                 "a degraded system (failed units) fails the deploy unless allowFailedUnits is true; the health check must answer 'ok'"
             ;;
-        "$REMOTE_ALREADY_ROLLED_BACK")
+        *:"$REMOTE_ALREADY_ROLLED_BACK")
             fail "$WHERE had already rolled back to $ROLLBACK_TARGET before this deploy could confirm (the switch and the confirmation took longer than rollbackTimeoutSeconds=${ROLLBACK_TIMEOUT})" \
                 "$(host_log_hint)" "raise rollbackTimeoutSeconds if activation is slow, then run again"
             ;;
-        "$REMOTE_SUPERSEDED")
+        *:"$REMOTE_SUPERSEDED")
             fail "another deploy to $WHERE started before this one (deploy $DEPLOY_ID) was confirmed, and rolled it back to $ROLLBACK_TARGET (see above); the host runs what that other deploy switched to" \
                 "run one deploy per host at a time (one 'pulumi up' per stack, not two at once); then run 'pulumi up' again so that the state matches the host"
             ;;
-        "$COMMAND_NOT_FOUND")
+        *:"$COMMAND_NOT_FOUND")
             fail "a command the confirmation needs is missing on $WHERE (exit status 127, 'command not found': see the message above); the host rolls back to $ROLLBACK_TARGET within ${ROLLBACK_TIMEOUT}s unless confirmed" \
                 "the new system must keep bash, flock, systemd-run, systemctl and curl on the admin's PATH" "$(host_log_hint)"
             ;;
-        "$REMOTE_ROLLBACK_FAILED")
+        *:"$REMOTE_ROLLBACK_FAILED")
             fail "the new system on $WHERE failed its checks AND the rollback to $ROLLBACK_TARGET failed (see above)" \
                 "$(host_log_hint)"
             ;;
-        "$REMOTE_BAD_STATE")
+        *:"$REMOTE_BAD_STATE")
             fail "$WHERE has no rollback armed for deploy $DEPLOY_ID, so it cannot be confirmed; a later deploy may have superseded it (see above)" \
                 "$(host_log_hint)"
             ;;
-        "$SSH_FAILED") ;;
+        *:"$SSH_FAILED") ;;
         *)
             fail "confirming the deploy on $WHERE failed (remote exit status $status); the host rolls back to $ROLLBACK_TARGET within ${ROLLBACK_TIMEOUT}s unless confirmed" \
                 "$(host_log_hint)"
             ;;
         esac
         kind=$(classify_ssh_error "$WORK/confirm.err")
+        ((status == REMOTE_NOT_REBOOTED)) && kind=retry
+        if [[ $mode == boot ]] && { [[ $kind != retry ]] || ((SECONDS + delay >= deadline)); }; then
+            fail "$WHERE did not come back with the new system within ${CONNECT_TIMEOUT}s (deployConnectTimeoutSeconds) of the reboot (last: ${error_text:0:300}). Unless it is confirmed, the host boots $ROLLBACK_TARGET again by itself: a new boot that reaches userspace reboots into it within ${ROLLBACK_TIMEOUT}s (rollbackTimeoutSeconds), and one that panics comes back on it at once" \
+                "check the instance's console output (EC2 'Get system log'); a host that hangs before userspace needs a reboot from outside ('aws ec2 reboot-instances'), which boots $ROLLBACK_TARGET" \
+                "$(host_log_hint)"
+        fi
         if [[ $kind != retry ]] || ((SECONDS + delay >= deadline)); then
             fail "could not open a new SSH connection to $WHERE after the switch (${error_text:0:300}). The new system may have broken SSH access for the admin; the host rolls itself back to $ROLLBACK_TARGET within ${ROLLBACK_TIMEOUT}s (rollbackTimeoutSeconds) because this deploy was not confirmed" \
                 "wait ${ROLLBACK_TIMEOUT}s, then check SSH again; $(host_log_hint)" \
@@ -715,7 +777,7 @@ confirm() {
 print_result() {
     local result
     result=$(last_line "$WORK/confirm.out")
-    if [[ ! $result =~ ^\{\"systemPath\":\"/[A-Za-z0-9._+/-]+\",\"generation\":[0-9]+\}$ ]]; then
+    if [[ ! $result =~ ^\{\"systemPath\":\"/[A-Za-z0-9._+/-]+\",\"generation\":[0-9]+,\"rebooted\":(true|false)\}$ ]]; then
         fail "the host $WHERE confirmed the deploy but returned no valid result line (got '${result:0:200}')" \
             "$(host_log_hint)"
     fi
@@ -740,8 +802,14 @@ main() {
     wait "$packing" || fail "copying $FLAKE_DIR into a temporary upload directory failed (see above)" \
         "check that every file under $FLAKE_DIR is readable and that ${TMPDIR:-/tmp} has space"
     copy_and_switch
-    close_master
-    confirm
+    if [[ -n $BOOT_BEFORE ]]; then
+        request_reboot
+        close_master
+        confirm boot
+    else
+        close_master
+        confirm live
+    fi
     print_result
 }
 

@@ -4,18 +4,33 @@
 # the rollback run as transient systemd units, so a dropped SSH connection cannot stop them half
 # way; the SSH sessions only start them and stream their log.
 #
-#   deploy UPLOAD ID ATTR ROLLBACK_S ALLOW BUILD_S ACTIVATE_S
+#   deploy UPLOAD ID ATTR ROLLBACK_S ALLOW BUILD_S ACTIVATE_S REBOOT_POLICY
 #                                                   SSH session 1: run the switch unit
-#   switch UPLOAD ID ATTR ROLLBACK_S ALLOW BUILD_S ACTIVATE_S LOG
-#                                                   (unit) install, build, arm the rollback, switch
+#   switch UPLOAD ID ATTR ROLLBACK_S ALLOW BUILD_S ACTIVATE_S REBOOT_POLICY LOG
+#                                                   (unit) install, build, arm the rollback, then
+#                                                   switch live or prepare a boot of the new system
+#   reboot ID                                       SSH session 1 again: reboot into the new system
 #   confirm ID ALLOW SETTLE_S                       SSH session 2: run the confirm unit, print JSON
 #   confirm-unit ID ALLOW SETTLE_S LOG              (unit) disarm, wait for systemd, health check
+#   confirm-boot ID ALLOW SETTLE_S                  SSH session 2 after a reboot: the same checks,
+#   confirm-boot-unit ID ALLOW SETTLE_S LOG         (unit) then make the new system the default
 #   rollback ID                                     (timer unit) roll back unless confirmed
+#   boot-guard                                      (nixos-ec2-boot-guard.service, at every boot)
+#
+# A switch that cannot be done live (a pre-switch check refuses it, or the new init needs a
+# reboot) goes through a reboot, as `nixos-rebuild boot` would, with a rollback that survives it:
+# the new generation is booted ONCE (GRUB's one-shot next_entry) while the recorded generation
+# stays GRUB's default. A new boot that panics (the EC2 image boots with panic=1) or is rebooted
+# by anyone comes back on the recorded generation; one that reaches userspace starts
+# nixos-ec2-boot-guard.service (nix/modules/boot-guard.nix), which arms the same rollback timer
+# as a live switch: unconfirmed, the host reboots into the recorded generation by itself.
 #
 # State under $STATE_DIR: flake/ and bin/ (the current upload), lock, pending-rollback
-# ("<deploy id> <generation>" while a deploy is unconfirmed, empty otherwise), deploys/<id>
-# (each deploy's outcome), logs/<time>-<id>.log and deploy.log (a link to the newest log),
-# last-rollback, result (the GC root of the newest build).
+# ("<deploy id> <generation>" while a deploy is unconfirmed, empty otherwise), pending-boot
+# ("<deploy id> <generation> <new generation> <new system> <boot id> <window s>" while a deploy
+# waits for its reboot and confirmation), deploys/<id> (each deploy's outcome),
+# logs/<time>-<id>.log and deploy.log (a link to the newest log), last-rollback, result (the GC
+# root of the newest build).
 #
 # Commands that may leave processes behind get `9>&-`, so no stray process keeps the lock (fd 9).
 set -euo pipefail
@@ -24,8 +39,14 @@ set -euo pipefail
 STATE_DIR=${NIXOS_EC2_STATE_DIR:-/var/lib/nixos-ec2}
 SYSTEM_PROFILE=${NIXOS_EC2_SYSTEM_PROFILE:-/nix/var/nix/profiles/system}
 HEALTH_URL=${NIXOS_EC2_HEALTH_URL:-http://127.0.0.1/healthz}
+RUN_DIR=${NIXOS_EC2_RUN_DIR:-/run}
+BOOT_ID_FILE=${NIXOS_EC2_BOOT_ID_FILE:-/proc/sys/kernel/random/boot_id}
+GRUB_DIR=${NIXOS_EC2_GRUB_DIR:-/boot/grub}
 
 readonly PENDING_FILE=$STATE_DIR/pending-rollback
+readonly PENDING_BOOT_FILE=$STATE_DIR/pending-boot
+# nix/modules/boot-guard.nix installs it; a new system without it cannot be booted on trial.
+readonly BOOT_GUARD_UNIT=nixos-ec2-boot-guard.service
 readonly OUTCOMES_DIR=$STATE_DIR/deploys
 readonly LOG_DIR=$STATE_DIR/logs
 readonly KEEP_LOGS=20
@@ -36,7 +57,11 @@ readonly LOG_TAIL_LINES=40
 # Exit statuses read by deploy/nixos-deploy.sh (keep in sync with that file).
 readonly EXIT_BUILD_FAILED=20 EXIT_ROLLED_BACK=21 EXIT_ROLLBACK_FAILED=22
 readonly EXIT_BUSY=23 EXIT_BAD_STATE=24 EXIT_ALREADY_ROLLED_BACK=25 EXIT_SUPERSEDED=26
-readonly EXIT_BUILD_TIMED_OUT=27 EXIT_ACTIVATION_TIMED_OUT=28
+readonly EXIT_BUILD_TIMED_OUT=27 EXIT_ACTIVATION_TIMED_OUT=28 EXIT_REBOOT_REFUSED=29
+readonly EXIT_NOT_REBOOTED=32
+# switch-to-configuration-ng (pkgs/by-name/sw/switch-to-configuration-ng/src/main.rs): exit 100
+# when the new init interface needs a reboot (after it installed the boot loader).
+readonly SWITCH_NEEDS_REBOOT=100
 # How often a long build or activation says it is still running. Overridable for the tests.
 readonly PROGRESS_SECONDS=${NIXOS_EC2_PROGRESS_SECONDS:-60}
 # After its deadline a step gets SIGTERM, and SIGKILL this much later.
@@ -78,7 +103,8 @@ print_log_tail() {
 unit_environment() {
     local var
     UNIT_ENV=("--setenv=PATH=$PATH")
-    for var in NIXOS_EC2_STATE_DIR NIXOS_EC2_SYSTEM_PROFILE NIXOS_EC2_HEALTH_URL NIXOS_EC2_PROGRESS_SECONDS LOCALE_ARCHIVE; do
+    for var in NIXOS_EC2_STATE_DIR NIXOS_EC2_SYSTEM_PROFILE NIXOS_EC2_HEALTH_URL NIXOS_EC2_PROGRESS_SECONDS \
+        NIXOS_EC2_RUN_DIR NIXOS_EC2_BOOT_ID_FILE NIXOS_EC2_GRUB_DIR LOCALE_ARCHIVE; do
         if [[ -n ${!var:-} ]]; then
             UNIT_ENV+=("--setenv=$var=${!var}")
         fi
@@ -137,6 +163,15 @@ disarm() {
 # `nixos-rebuild --rollback`, which goes one generation too far when the switch created none.
 roll_back() {
     local id=$1 generation=$2 reason=$3 status=0
+    read_pending_boot
+    if [[ $PB_ID == "$id" ]]; then
+        if [[ $PB_BOOT == "$(boot_id)" ]]; then
+            undo_boot "$id" "$generation" "$reason"
+        else
+            reboot_back "$id" "$generation" "$reason"
+        fi
+        return
+    fi
     say "rolling back to generation $generation: $reason"
     disarm "$id"
     if ! nix-env -p "$SYSTEM_PROFILE" --switch-generation "$generation"; then
@@ -154,9 +189,7 @@ roll_back() {
         return 1
         ;;
     esac
-    record_outcome "$id" "rolled-back generation=$generation reason=$reason"
-    printf '%(%Y-%m-%dT%H:%M:%S%z)T deploy %s rolled back to generation %s: %s\n' -1 "$id" "$generation" "$reason" \
-        >"$STATE_DIR/last-rollback"
+    note_rollback "$id" "$generation" "$reason"
     say "rolled back to generation $generation"
 }
 
@@ -179,6 +212,10 @@ prune_old_files() {
 roll_back_unconfirmed_deploy() {
     read_pending
     [[ -n $PENDING_ID ]] || return 0
+    read_pending_boot
+    if [[ $PB_ID == "$PENDING_ID" && $PB_BOOT != "$(boot_id)" ]]; then
+        die "$EXIT_BUSY" "deploy $PB_ID booted generation $PB_GENERATION on trial and waits for its confirmation; unconfirmed, the host reboots into generation $PB_PREVIOUS within ${PB_WINDOW}s of that boot. Deploy again after that"
+    fi
     say "deploy $PENDING_ID was never confirmed; rolling it back before deploy $1"
     roll_back "$PENDING_ID" "$PENDING_GENERATION" "superseded by deploy $1 before it was confirmed" ||
         exit "$EXIT_ROLLBACK_FAILED"
@@ -262,6 +299,12 @@ build_system() {
 arm_rollback() {
     local id=$1 generation=$2 seconds=$3
     printf '%s %s\n' "$id" "$generation" >"$PENDING_FILE"
+    arm_timer "$id" "$seconds"
+    say "recorded generation $generation; rollback armed for ${seconds}s unless confirmed"
+}
+
+arm_timer() {
+    local id=$1 seconds=$2
     unit_environment
     systemd-run --unit="$(rollback_unit "$id")" --description="nixos-ec2: roll back deploy $id unless confirmed" \
         --collect --quiet --on-active="${seconds}s" --timer-property=AccuracySec=1s \
@@ -269,22 +312,31 @@ arm_rollback() {
         : >"$PENDING_FILE"
         die "$EXIT_BAD_STATE" "could not arm the rollback timer; nothing was switched"
     }
-    say "recorded generation $generation; rollback armed for ${seconds}s unless confirmed"
 }
 
-# nixos-rebuild switch = set the profile + switch-to-configuration. Doing the two steps here
-# keeps switch-to-configuration's exit status 4 (units failed) visible: nixos-rebuild-ng
-# reports every failed command as exit status 1.
+# nixos-rebuild switch = set the profile + switch-to-configuration (nixos-rebuild-ng runs the
+# latter under `systemd-run` and exits with its status). Doing the two steps here, inside this
+# script's own unit, puts them under the lock, the deadline and the armed rollback, and lets the
+# output of a refused live switch be read. Sets REBOOT_REASON when the switch says it cannot be
+# done live (exit 100, or a pre-switch check): the running system is then unchanged.
 activate() {
-    local id=$1 previous=$2 allow=$3 seconds=$4 status=0 reason
+    local id=$1 previous=$2 allow=$3 seconds=$4 status=0 reason out=$STATE_DIR/activation.out
     if nix-env -p "$SYSTEM_PROFILE" --set "$NEW_SYSTEM"; then
         say "activating $NEW_SYSTEM (deadline ${seconds}s)"
-        with_deadline activating "$seconds" "$NEW_SYSTEM/bin/switch-to-configuration" switch || status=$?
+        # shellcheck disable=SC2016 # expanded by the inner bash
+        with_deadline activating "$seconds" bash -c '"$@" 2>&1 | tee "$0"; exit "${PIPESTATUS[0]}"' \
+            "$out" "$NEW_SYSTEM/bin/switch-to-configuration" switch || status=$?
     else
         status=$?
         say "error: nix-env could not set $SYSTEM_PROFILE to $NEW_SYSTEM"
     fi
-    if ((status == 0)); then
+    if ((status == SWITCH_NEEDS_REBOOT)); then
+        REBOOT_REASON="switch-to-configuration exited 100: the new init needs a reboot to take effect"
+    elif ((status == 1)) && grep -q 'Pre-switch check' "$out" 2>/dev/null; then
+        REBOOT_REASON="the pre-switch check refused a live switch (a critical component such as dbus changes; see above)"
+    fi
+    rm -f "$out"
+    if ((status == 0)) || [[ -n $REBOOT_REASON ]]; then
         return 0
     fi
     if ((status == 4)) && [[ $allow == true ]]; then
@@ -306,6 +358,167 @@ activate() {
     exit "$EXIT_ROLLED_BACK"
 }
 
+boot_id() {
+    local id
+    read -r id <"$BOOT_ID_FILE" || die "$EXIT_BAD_STATE" "cannot read the boot ID from $BOOT_ID_FILE"
+    printf '%s' "$id"
+}
+
+system_of_generation() {
+    readlink -f "$SYSTEM_PROFILE-$1-link" || die "$EXIT_BAD_STATE" "generation $1 has no $SYSTEM_PROFILE-$1-link"
+}
+
+# The check nixos-rebuild-ng makes before it sets the profile (nixos_rebuild/nix.py, set_profile:
+# `test -f <toplevel>/nixos-version`): a build that is not a NixOS system is never activated.
+check_nixos_system() {
+    [[ -f $NEW_SYSTEM/nixos-version ]] ||
+        die "$EXIT_BAD_STATE" "$NEW_SYSTEM has no nixos-version file, so it is not a NixOS system (is #$1 a nixosConfigurations entry?); this host was not changed"
+}
+
+# needs_reboot POLICY SECONDS: sets REBOOT_REASON when the new system cannot be switched to live
+# (or POLICY is always), empty otherwise. Read from switch-to-configuration-ng's main.rs: it exits
+# 100 when <toplevel>/init-interface-version differs from /run/current-system's, and its `check`
+# action runs only the pre-switch checks (the switch inhibitors of switchable-system.nix among
+# them), which print "Pre-switch check ... failed" and exit 1.
+REBOOT_REASON=""
+needs_reboot() {
+    local policy=$1 seconds=$2 new_init running_init="" out status=0
+    REBOOT_REASON=""
+    if [[ $policy == always ]]; then
+        REBOOT_REASON="rebootPolicy is always"
+        return 0
+    fi
+    read -r new_init <"$NEW_SYSTEM/init-interface-version" 2>/dev/null || new_init=""
+    if [[ -f $RUN_DIR/current-system/init-interface-version ]]; then
+        read -r running_init <"$RUN_DIR/current-system/init-interface-version" || true
+    fi
+    if [[ -n $new_init && $new_init != "$running_init" ]]; then
+        REBOOT_REASON="the new init interface ($new_init) differs from the running one (${running_init:-none}), so the new system takes effect only after a reboot"
+        return 0
+    fi
+    out=$(timeout --kill-after="$KILL_AFTER_SECONDS" "$seconds" "$NEW_SYSTEM/bin/switch-to-configuration" check 2>&1 9>&-) || status=$?
+    if ((status == 0)); then
+        return 0
+    fi
+    printf '%s\n' "$out"
+    if [[ $out == *"Pre-switch check"* ]]; then
+        REBOOT_REASON="the pre-switch check refuses a live switch (a critical component such as dbus changes; see above)"
+    else
+        # An older switch-to-configuration has no `check`: the live switch tells instead.
+        say "switch-to-configuration check exited $status; trying the live switch"
+    fi
+}
+
+# The title path GRUB's one-shot next_entry takes for GENERATION, read from the grub.cfg that
+# install-grub.pl (nixos/modules/system/boot/loader/grub/install-grub.pl) writes: a submenu
+# "NixOS - All configurations" of entries "NixOS - Configuration N (DATE - VERSION)".
+grub_entry_for() {
+    local generation=$1 line submenu="" title pattern
+    pattern="^[[:space:]]*menuentry \"([^\"]* - Configuration $generation \\([^\"]*)\""
+    while IFS= read -r line; do
+        if [[ $line =~ ^[[:space:]]*submenu\ \"([^\"]*)\" ]]; then
+            submenu=${BASH_REMATCH[1]}
+        elif [[ -n $submenu && $line =~ $pattern ]]; then
+            title=${BASH_REMATCH[1]}
+            printf '%s>%s' "$submenu" "$title"
+            return 0
+        fi
+    done <"$GRUB_DIR/grub.cfg"
+    return 1
+}
+
+# What a boot on trial needs from the host and the new system; checked before anything changes.
+check_trial_boot_possible() {
+    if [[ ! -f $GRUB_DIR/grub.cfg ]] || ! command -v grub-editenv >/dev/null; then
+        die "$EXIT_BAD_STATE" "no GRUB ($GRUB_DIR/grub.cfg) or no grub-editenv here, which a reboot's rollback needs; nothing was changed"
+    fi
+    [[ -e $NEW_SYSTEM/etc/systemd/system/$BOOT_GUARD_UNIT ]] ||
+        die "$EXIT_BAD_STATE" "the new system has no $BOOT_GUARD_UNIT (nix/modules/boot-guard.nix), which a reboot's rollback needs; nothing was changed"
+}
+
+# prepare_boot ID PREVIOUS SECONDS: makes the new system bootable ONCE and leaves the running
+# system and the boot default alone. The new generation's link joins the profile (so the boot
+# loader lists it), the profile goes back to PREVIOUS, and PREVIOUS's own switch-to-configuration
+# reinstalls the boot loader with PREVIOUS as the default (install-grub.pl makes the toplevel it
+# is given the default entry); then next_entry names the new generation for the next boot only.
+prepare_boot() {
+    local id=$1 previous=$2 seconds=$3 old_system generation entry
+    check_trial_boot_possible
+    old_system=$(system_of_generation "$previous")
+    printf '%s %s\n' "$id" "$previous" >"$PENDING_FILE"
+    nix-env -p "$SYSTEM_PROFILE" --set "$NEW_SYSTEM" 9>&- ||
+        die "$EXIT_BAD_STATE" "nix-env could not add $NEW_SYSTEM to $SYSTEM_PROFILE"
+    generation=$(current_generation)
+    nix-env -p "$SYSTEM_PROFILE" --switch-generation "$previous" 9>&- ||
+        die "$EXIT_BAD_STATE" "nix-env could not switch $SYSTEM_PROFILE back to generation $previous"
+    say "installing the boot loader with generation $previous as the default (deadline ${seconds}s)"
+    with_deadline "installing the boot loader" "$seconds" "$old_system/bin/switch-to-configuration" boot ||
+        die "$EXIT_BAD_STATE" "installing the boot loader failed; the running system was not changed"
+    entry=$(grub_entry_for "$generation") ||
+        die "$EXIT_BAD_STATE" "$GRUB_DIR/grub.cfg lists no entry for generation $generation; the running system was not changed"
+    printf '%s %s %s %s %s %s\n' "$id" "$previous" "$generation" "$NEW_SYSTEM" "$(boot_id)" "$ROLLBACK_SECONDS" >"$PENDING_BOOT_FILE"
+    grub-editenv "$GRUB_DIR/grubenv" set "next_entry=$entry" 9>&- ||
+        die "$EXIT_BAD_STATE" "grub-editenv could not set the one-shot boot entry; the running system was not changed"
+    record_outcome "$id" "rebooting generation=$generation"
+    say "generation $generation ($entry) will be booted once; generation $previous stays the boot default until the new boot is confirmed"
+}
+
+# read_pending_boot: sets PB_ID PB_PREVIOUS PB_GENERATION PB_SYSTEM PB_BOOT PB_WINDOW (empty when
+# no deploy waits for a reboot).
+read_pending_boot() {
+    PB_ID="" PB_PREVIOUS="" PB_GENERATION="" PB_SYSTEM="" PB_BOOT="" PB_WINDOW=""
+    if [[ -s $PENDING_BOOT_FILE ]]; then
+        read -r PB_ID PB_PREVIOUS PB_GENERATION PB_SYSTEM PB_BOOT PB_WINDOW <"$PENDING_BOOT_FILE" || true
+    fi
+}
+
+forget_boot() {
+    rm -f "$PENDING_BOOT_FILE"
+    : >"$PENDING_FILE"
+}
+
+note_rollback() {
+    record_outcome "$1" "rolled-back generation=$2 reason=$3"
+    printf '%(%Y-%m-%dT%H:%M:%S%z)T deploy %s rolled back to generation %s: %s\n' -1 "$1" "$2" "$3" \
+        >"$STATE_DIR/last-rollback"
+}
+
+# undo_boot ID GENERATION REASON: in the boot that prepared it (the host did not reboot), drop
+# the one-shot entry and make sure GENERATION is the profile and the boot default again.
+undo_boot() {
+    local id=$1 generation=$2 reason=$3
+    say "undoing the prepared reboot: $reason"
+    disarm "$id"
+    grub-editenv "$GRUB_DIR/grubenv" unset next_entry 9>&- || say "warning: could not clear GRUB's next_entry"
+    if ! nix-env -p "$SYSTEM_PROFILE" --switch-generation "$generation" 9>&- ||
+        ! "$(system_of_generation "$generation")/bin/switch-to-configuration" boot 9>&-; then
+        record_outcome "$id" "rollback-failed generation=$generation reason=$reason"
+        say "error: could not make generation $generation the profile and the boot default again"
+        return 1
+    fi
+    forget_boot
+    note_rollback "$id" "$generation" "$reason"
+    say "rolled back to generation $generation (the running system was never changed)"
+}
+
+# reboot_back ID GENERATION REASON: on the new system, booted on trial, reboot into GENERATION,
+# which is still the boot default.
+reboot_back() {
+    local id=$1 generation=$2 reason=$3
+    say "rolling back to generation $generation by a reboot: $reason"
+    disarm "$id"
+    nix-env -p "$SYSTEM_PROFILE" --switch-generation "$generation" 9>&- || say "warning: nix-env could not switch $SYSTEM_PROFILE to generation $generation"
+    "$(system_of_generation "$generation")/bin/switch-to-configuration" boot 9>&- || say "warning: reinstalling the boot loader for generation $generation failed; it should still be the default"
+    forget_boot
+    note_rollback "$id" "$generation" "$reason"
+    # In a moment, so that this unit and the SSH session that waits for it can end first.
+    unit_environment
+    systemd-run --unit="nixos-ec2-reboot-$id" --description="nixos-ec2: reboot into generation $generation" \
+        --collect --quiet --on-active=2s --timer-property=AccuracySec=1s "${UNIT_ENV[@]}" -- systemctl reboot 9>&- ||
+        systemctl reboot 9>&-
+    say "rebooting into generation $generation"
+}
+
 # Globals, not locals: the EXIT traps below run after switch_body has returned.
 UPLOAD=""
 DEPLOY_ID=""
@@ -314,15 +527,35 @@ PREVIOUS_GENERATION=""
 on_switch_exit() {
     local status=$1
     rm -rf "$UPLOAD"
-    if [[ -n $PREVIOUS_GENERATION ]] && ((status != 0 && status != EXIT_ROLLED_BACK && status != EXIT_ROLLBACK_FAILED && status != EXIT_ACTIVATION_TIMED_OUT)); then
+    if [[ -n $PREVIOUS_GENERATION ]] && ((status != 0 && status != EXIT_ROLLED_BACK && status != EXIT_ROLLBACK_FAILED && status != EXIT_ACTIVATION_TIMED_OUT && status != EXIT_REBOOT_REFUSED)); then
         roll_back "$DEPLOY_ID" "$PREVIOUS_GENERATION" "the switch step failed unexpectedly (exit status $status)" ||
             exit "$EXIT_ROLLBACK_FAILED"
         exit "$EXIT_ROLLED_BACK"
     fi
 }
 
+# refuse_reboot ID PREVIOUS: rebootPolicy is never and the new system needs a reboot. When the
+# live switch found that out, its profile change (and, after exit 100, its boot loader) is undone;
+# the running system was never changed.
+refuse_reboot() {
+    local id=$1 previous=$2
+    if [[ -n $PREVIOUS_GENERATION ]]; then
+        PREVIOUS_GENERATION=""
+        disarm "$id"
+        if ! nix-env -p "$SYSTEM_PROFILE" --switch-generation "$previous" ||
+            ! "$(system_of_generation "$previous")/bin/switch-to-configuration" boot 9>&-; then
+            record_outcome "$id" "rollback-failed generation=$previous reason=undoing a switch that needs a reboot"
+            die "$EXIT_ROLLBACK_FAILED" "could not make generation $previous the profile and the boot default again"
+        fi
+    fi
+    record_outcome "$id" "refused generation=$previous reason=needs a reboot"
+    die "$EXIT_REBOOT_REFUSED" "deploy $id needs a reboot: $REBOOT_REASON. rebootPolicy is never, so the host was not rebooted; it still runs and boots generation $previous. Set rebootPolicy to when-required (or hosts.<name>.rebootPolicy for this host) to deploy this change with a reboot"
+}
+
+ROLLBACK_SECONDS=""
 switch_body() {
-    local attr=$3 rollback_seconds=$4 allow=$5 build_seconds=$6 activate_seconds=$7
+    local attr=$3 rollback_seconds=$4 allow=$5 build_seconds=$6 activate_seconds=$7 policy=$8
+    ROLLBACK_SECONDS=$rollback_seconds
     UPLOAD=$1
     DEPLOY_ID=$2
     trap 'on_switch_exit $?' EXIT
@@ -333,16 +566,33 @@ switch_body() {
     roll_back_unconfirmed_deploy "$DEPLOY_ID"
     install_upload "$UPLOAD" "$DEPLOY_ID"
     build_system "$attr" "$build_seconds"
-    local previous
+    check_nixos_system "$attr"
+    local previous generation
     previous=$(current_generation)
-    arm_rollback "$DEPLOY_ID" "$previous" "$rollback_seconds"
-    # From here on an unexpected failure rolls back at once instead of waiting for the timer.
-    PREVIOUS_GENERATION=$previous
-    activate "$DEPLOY_ID" "$previous" "$allow" "$activate_seconds"
-    local generation
-    generation=$(current_generation)
-    record_outcome "$DEPLOY_ID" "switched generation=$generation"
-    say "switched to generation $generation"
+    needs_reboot "$policy" "$activate_seconds"
+    if [[ -z $REBOOT_REASON ]]; then
+        arm_rollback "$DEPLOY_ID" "$previous" "$rollback_seconds"
+        # From here on an unexpected failure rolls back at once instead of waiting for the timer.
+        PREVIOUS_GENERATION=$previous
+        activate "$DEPLOY_ID" "$previous" "$allow" "$activate_seconds"
+        if [[ -z $REBOOT_REASON ]]; then
+            generation=$(current_generation)
+            record_outcome "$DEPLOY_ID" "switched generation=$generation"
+            say "switched to generation $generation"
+            return 0
+        fi
+    fi
+    say "the new system needs a reboot: $REBOOT_REASON"
+    if [[ $policy == never ]]; then
+        refuse_reboot "$DEPLOY_ID" "$previous"
+    fi
+    check_trial_boot_possible
+    if [[ -z $PREVIOUS_GENERATION ]]; then
+        # Until the reboot, the same timer undoes the prepared boot if the deploy goes away.
+        arm_rollback "$DEPLOY_ID" "$previous" "$rollback_seconds"
+        PREVIOUS_GENERATION=$previous
+    fi
+    prepare_boot "$DEPLOY_ID" "$previous" "$activate_seconds"
 }
 
 settle() {
@@ -385,9 +635,10 @@ check_health() {
     return 1
 }
 
-confirm_body() {
-    local id=$1 allow=$2 settle_seconds=$3 outcome="" generation
-    take_lock
+# check_outcome ID: returns 0 when ID is confirmed already, 1 when it waits for its
+# confirmation; ends the script when it was rolled back.
+check_outcome() {
+    local id=$1 outcome=""
     if [[ -f $OUTCOMES_DIR/$id ]]; then
         outcome=$(<"$OUTCOMES_DIR/$id")
     fi
@@ -403,6 +654,26 @@ confirm_body() {
         die "$EXIT_ALREADY_ROLLED_BACK" "deploy $id cannot be confirmed: $outcome"
         ;;
     esac
+    return 1
+}
+
+# check_new_system ALLOW SETTLE_S: the checks a new system passes after a live switch or a reboot.
+check_new_system() {
+    SETTLE_FAILURE=""
+    HEALTH_FAILURE=""
+    if ! settle "$1" "$2" || ! check_health; then
+        CHECK_FAILURE=${SETTLE_FAILURE:-$HEALTH_FAILURE}
+        say "error: $CHECK_FAILURE"
+        return 1
+    fi
+}
+
+confirm_body() {
+    local id=$1 allow=$2 settle_seconds=$3 generation
+    take_lock
+    if check_outcome "$id"; then
+        return 0
+    fi
     read_pending
     if [[ $PENDING_ID != "$id" ]]; then
         die "$EXIT_BAD_STATE" "no rollback is armed for deploy $id (pending: ${PENDING_ID:-none}); a later deploy may have superseded it"
@@ -410,26 +681,111 @@ confirm_body() {
     generation=$PENDING_GENERATION
     disarm "$id"
     say "deploy $id: rollback disarmed; checking the new system"
-    SETTLE_FAILURE=""
-    HEALTH_FAILURE=""
-    if ! settle "$allow" "$settle_seconds" || ! check_health; then
-        say "error: ${SETTLE_FAILURE:-$HEALTH_FAILURE}"
-        roll_back "$id" "$generation" "${SETTLE_FAILURE:-$HEALTH_FAILURE}" || exit "$EXIT_ROLLBACK_FAILED"
+    if ! check_new_system "$allow" "$settle_seconds"; then
+        roll_back "$id" "$generation" "$CHECK_FAILURE" || exit "$EXIT_ROLLBACK_FAILED"
         exit "$EXIT_ROLLED_BACK"
     fi
     record_outcome "$id" "confirmed generation=$(current_generation)"
     say "deploy $id confirmed"
 }
 
+# After the reboot: the host must run the new system, booted (/run/booted-system and
+# /run/current-system both the new toplevel; stage-2-init.sh links the former at boot), in a new
+# boot (another boot ID), and pass the same checks; then the new generation becomes the profile
+# and the boot default, and the rollback across the reboot is over.
+confirm_boot_body() {
+    local id=$1 allow=$2 settle_seconds=$3 booted current now
+    take_lock
+    if check_outcome "$id"; then
+        return 0
+    fi
+    read_pending_boot
+    if [[ $PB_ID != "$id" ]]; then
+        die "$EXIT_BAD_STATE" "no reboot is pending for deploy $id (pending: ${PB_ID:-none})"
+    fi
+    now=$(boot_id)
+    if [[ $now == "$PB_BOOT" ]]; then
+        say "the host has not rebooted yet (boot ID $now)"
+        exit "$EXIT_NOT_REBOOTED"
+    fi
+    booted=$(readlink -f "$RUN_DIR/booted-system" || true)
+    current=$(readlink -f "$RUN_DIR/current-system" || true)
+    if [[ $booted != "$PB_SYSTEM" || $current != "$PB_SYSTEM" ]]; then
+        local reason="the host came back on ${booted:-an unknown system}, not on generation $PB_GENERATION ($PB_SYSTEM): the new boot failed and GRUB booted the default"
+        forget_boot
+        note_rollback "$id" "$PB_PREVIOUS" "$reason"
+        die "$EXIT_ROLLED_BACK" "$reason; generation $PB_PREVIOUS runs again"
+    fi
+    disarm "$id"
+    say "deploy $id: generation $PB_GENERATION booted (boot ID $PB_BOOT before, $now now); rollback disarmed; checking the new system"
+    if ! check_new_system "$allow" "$settle_seconds"; then
+        reboot_back "$id" "$PB_PREVIOUS" "$CHECK_FAILURE"
+        exit "$EXIT_ROLLED_BACK"
+    fi
+    if ! nix-env -p "$SYSTEM_PROFILE" --switch-generation "$PB_GENERATION" 9>&- ||
+        ! "$PB_SYSTEM/bin/switch-to-configuration" boot 9>&-; then
+        reboot_back "$id" "$PB_PREVIOUS" "making generation $PB_GENERATION the profile and the boot default failed"
+        exit "$EXIT_ROLLED_BACK"
+    fi
+    forget_boot
+    record_outcome "$id" "confirmed generation=$PB_GENERATION rebooted"
+    say "deploy $id confirmed; generation $PB_GENERATION is the boot default"
+}
+
 rollback_body() {
-    local id=$1
+    local id=$1 reason
     take_lock
     read_pending
     if [[ $PENDING_ID != "$id" ]]; then
         say "deploy $id was confirmed or already rolled back; nothing to do"
         return 0
     fi
-    roll_back "$id" "$PENDING_GENERATION" "deploy $id was not confirmed within the rollback timeout"
+    reason="deploy $id was not confirmed within the rollback timeout"
+    read_pending_boot
+    if [[ $PB_ID == "$id" ]]; then
+        if [[ $PB_BOOT == "$(boot_id)" ]]; then
+            reason="deploy $id did not reboot the host within ${PB_WINDOW}s of preparing the boot"
+        else
+            reason="deploy $id was not confirmed within ${PB_WINDOW}s of booting generation $PB_GENERATION"
+        fi
+    fi
+    roll_back "$id" "$PENDING_GENERATION" "$reason"
+}
+
+# At every boot (nixos-ec2-boot-guard.service, before sshd): a boot on trial arms its rollback;
+# a boot that is not the one a deploy waits for means the new system failed to come up.
+boot_guard_body() {
+    local current
+    take_lock
+    read_pending_boot
+    [[ -n $PB_ID && $PB_BOOT != "$(boot_id)" ]] || return 0
+    current=$(readlink -f "$RUN_DIR/current-system" || true)
+    if [[ $current == "$PB_SYSTEM" ]]; then
+        arm_timer "$PB_ID" "$PB_WINDOW"
+        record_outcome "$PB_ID" "booted generation=$PB_GENERATION"
+        say "deploy $PB_ID: booted generation $PB_GENERATION on trial; unless the deploy confirms it within ${PB_WINDOW}s, the host reboots into generation $PB_PREVIOUS"
+    else
+        forget_boot
+        note_rollback "$PB_ID" "$PB_PREVIOUS" "the host did not come up on generation $PB_GENERATION and booted ${current:-an unknown system} (GRUB's default) instead"
+        say "deploy $PB_ID: generation $PB_GENERATION did not come up; the host booted generation $PB_PREVIOUS again"
+    fi
+}
+
+# Over connection 1, once the switch unit prepared the boot: reboot into the new system.
+reboot_body() {
+    local id=$1
+    take_lock
+    read_pending_boot
+    if [[ $PB_ID != "$id" || $PB_BOOT != "$(boot_id)" ]]; then
+        die "$EXIT_BAD_STATE" "no reboot is prepared for deploy $id in this boot (pending: ${PB_ID:-none})"
+    fi
+    # The prepared boot is final now; the rollback of the trial boot is armed at that boot.
+    systemctl stop "$(rollback_unit "$id").timer" >/dev/null 2>&1 || true
+    say "deploy $id: rebooting into generation $PB_GENERATION"
+    if ! systemctl reboot 9>&-; then
+        undo_boot "$id" "$PB_PREVIOUS" "systemctl reboot failed" || exit "$EXIT_ROLLBACK_FAILED"
+        exit "$EXIT_ROLLED_BACK"
+    fi
 }
 
 # with_log LOG FUNCTION ARGS...: FUNCTION's output goes to LOG and to stderr (the SSH session
@@ -445,7 +801,7 @@ with_log() {
 }
 
 cmd_deploy() {
-    local upload=$1 id=$2 attr=$3 rollback_seconds=$4 allow=$5 build_seconds=$6 activate_seconds=$7 log status=0 generation=""
+    local upload=$1 id=$2 attr=$3 rollback_seconds=$4 allow=$5 build_seconds=$6 activate_seconds=$7 policy=$8 log status=0 generation=""
     [[ -d $LOG_DIR ]] || mkdir -p "$LOG_DIR"
     log=$LOG_DIR/$(printf '%(%Y%m%dT%H%M%S)T' -1)-$id.log
     : >"$log"
@@ -453,13 +809,17 @@ cmd_deploy() {
     # First stdout line: nixos-deploy.sh points its hints at this log only once it exists.
     printf 'log=%s\n' "$log"
     run_unit "nixos-ec2-switch-$id" "nixos-ec2: deploy $id, switch to $attr" \
-        switch "$upload" "$id" "$attr" "$rollback_seconds" "$allow" "$build_seconds" "$activate_seconds" "$log" || status=$?
+        switch "$upload" "$id" "$attr" "$rollback_seconds" "$allow" "$build_seconds" "$activate_seconds" "$policy" "$log" || status=$?
     # nixos-deploy.sh names the generation a rollback returns to in its messages.
     read_pending
     if [[ $PENDING_ID == "$id" ]]; then
         generation=$PENDING_GENERATION
     elif [[ -f $OUTCOMES_DIR/$id && $(<"$OUTCOMES_DIR/$id") =~ generation=([0-9]+) ]]; then
         generation=${BASH_REMATCH[1]}
+    fi
+    # nixos-deploy.sh asks for the reboot, then waits for a boot ID other than this one.
+    if ((status == 0)) && [[ $(<"$OUTCOMES_DIR/$id") == rebooting* ]]; then
+        printf 'reboot=%s\n' "$(boot_id)"
     fi
     printf '%s\n' "$generation"
     if ((status != 0)); then
@@ -468,23 +828,25 @@ cmd_deploy() {
     exit "$status"
 }
 
+# cmd_confirm MODE ID ALLOW SETTLE_S: MODE is confirm (after a live switch) or confirm-boot.
 cmd_confirm() {
-    local id=$1 allow=$2 settle_seconds=$3 log status=0 path generation
+    local mode=$1 id=$2 allow=$3 settle_seconds=$4 log status=0 path generation rebooted=false
     log=$(log_of "$id")
-    run_unit "nixos-ec2-confirm-$id-$$" "nixos-ec2: confirm deploy $id" \
-        confirm-unit "$id" "$allow" "$settle_seconds" "$log" || status=$?
+    [[ $mode == confirm-boot ]] && rebooted=true
+    run_unit "nixos-ec2-$mode-$id-$$" "nixos-ec2: $mode deploy $id" \
+        "$mode-unit" "$id" "$allow" "$settle_seconds" "$log" || status=$?
     if ((status != 0)); then
-        print_log_tail "$log" >&2
+        ((status == EXIT_NOT_REBOOTED)) || print_log_tail "$log" >&2
         exit "$status"
     fi
     generation=$(current_generation)
     cd -P "$SYSTEM_PROFILE"
     path=$PWD
-    printf '{"systemPath":"%s","generation":%s}\n' "$path" "$generation"
+    printf '{"systemPath":"%s","generation":%s,"rebooted":%s}\n' "$path" "$generation" "$rebooted"
 }
 
 usage() {
-    die 64 "usage: remote-switch.sh deploy|switch|confirm|confirm-unit|rollback ARGS... (called by nixos-deploy.sh)"
+    die 64 "usage: remote-switch.sh deploy|switch|reboot|confirm|confirm-unit|confirm-boot|confirm-boot-unit|rollback|boot-guard ARGS... (called by nixos-deploy.sh)"
 }
 
 # need_args COUNT ARGS...: the callers are scripts, so a wrong count is a version mismatch.
@@ -504,20 +866,35 @@ main() {
     shift || true
     case $command in
     deploy)
-        need_args 7 "$@"
+        need_args 8 "$@"
         cmd_deploy "$@"
         ;;
     switch)
-        need_args 8 "$@"
-        with_log "$8" switch_body "${@:1:7}"
+        need_args 9 "$@"
+        with_log "$9" switch_body "${@:1:8}"
         ;;
-    confirm)
+    reboot)
+        need_args 1 "$@"
+        with_log "$(log_of "$1")" reboot_body "$1"
+        ;;
+    confirm | confirm-boot)
         need_args 3 "$@"
-        cmd_confirm "$@"
+        cmd_confirm "$command" "$@"
         ;;
     confirm-unit)
         need_args 4 "$@"
         with_log "$4" confirm_body "${@:1:3}"
+        ;;
+    confirm-boot-unit)
+        need_args 4 "$@"
+        with_log "$4" confirm_boot_body "${@:1:3}"
+        ;;
+    boot-guard)
+        need_args 0 "$@"
+        read_pending_boot
+        # Quiet when no deploy waits for a boot: this runs at every boot.
+        [[ -n $PB_ID ]] || exit 0
+        with_log "$(log_of "$PB_ID")" boot_guard_body
         ;;
     rollback)
         need_args 1 "$@"

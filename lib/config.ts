@@ -86,8 +86,22 @@ const flakeAttr = declare({
     schema: (bad) => z.string(bad("is not a Nix attribute name")).regex(new RegExp(FLAKE_ATTR_PATTERN), bad("is not a Nix attribute name")),
 });
 
+export const REBOOT_POLICIES = ["never", "when-required", "always"] as const;
+export type RebootPolicy = (typeof REBOOT_POLICIES)[number];
+
+const rebootPolicy = declare({
+    type: "string",
+    default: "when-required",
+    allowed: REBOOT_POLICIES.join(", "),
+    description:
+        "Whether a deploy may reboot the host. when-required: only for a change that cannot be switched to live (a pre-switch check refuses it, " +
+        "or the new init needs a reboot); the new system is booted once and confirmed, and a boot that fails or is not confirmed ends on the " +
+        "previous generation. never: such a deploy fails and changes nothing. always: every deploy boots the new system.",
+    schema: (bad) => z.enum(REBOOT_POLICIES, bad("is not a reboot policy")),
+});
+
 /** What `hosts.<name>` may set: some stack-wide keys for one host, and the host's own. */
-export const HOST_KEYS = { instanceType, rootVolumeGiB, flakeAttr } satisfies Record<string, KeyDeclaration>;
+export const HOST_KEYS = { instanceType, rootVolumeGiB, rebootPolicy, flakeAttr } satisfies Record<string, KeyDeclaration>;
 
 /** The stack-wide keys, in the order of the README's table. */
 export const KEYS = {
@@ -193,6 +207,7 @@ export const KEYS = {
             "The rollback timer runs from the end of the build, so this must be shorter than rollbackTimeoutSeconds.",
         schema: (bad) => wholeNumber(bad, 10, 3570),
     }),
+    rebootPolicy,
     allowFailedUnits: declare({
         type: "boolean",
         default: false,
@@ -214,6 +229,7 @@ export interface HostSettings {
     readonly flakeAttr: z.output<typeof flakeAttr.schema>;
     readonly instanceType: Values["instanceType"];
     readonly rootVolumeGiB: Values["rootVolumeGiB"];
+    readonly rebootPolicy: Values["rebootPolicy"];
     /** AMI architecture, from the instance type. */
     readonly architecture: Architecture;
     /** Nix system double, from the instance type. */
@@ -403,6 +419,7 @@ function hostsOf(stack: string, v: Values): HostSettings[] {
             flakeAttr: overrides.flakeAttr ?? name,
             instanceType,
             rootVolumeGiB: overrides.rootVolumeGiB ?? v.rootVolumeGiB,
+            rebootPolicy: overrides.rebootPolicy ?? v.rebootPolicy,
             architecture,
             nixSystem: nixSystemOf(architecture),
         };

@@ -57,7 +57,15 @@ describe("parseSettings", () => {
             subnetId: undefined,
             publicTcpPorts: [80, 443],
             hosts: [
-                { name: "staging", flakeAttr: "staging", instanceType: "t3.small", rootVolumeGiB: 20, architecture: "x86_64", nixSystem: "x86_64-linux" },
+                {
+                    name: "staging",
+                    flakeAttr: "staging",
+                    instanceType: "t3.small",
+                    rootVolumeGiB: 20,
+                    rebootPolicy: "when-required",
+                    architecture: "x86_64",
+                    nixSystem: "x86_64-linux",
+                },
             ],
             deploy: { connectTimeoutSeconds: 600, buildTimeoutSeconds: 3600, activationTimeoutSeconds: 90, rollbackTimeoutSeconds: 120, allowFailedUnits: false },
             warnings: [],
@@ -71,12 +79,21 @@ describe("parseSettings", () => {
                 ...base,
                 instanceType: "t3.medium",
                 rootVolumeGiB: "30",
-                hosts: JSON.stringify({ web: {}, build: { instanceType: "c7g.xlarge", rootVolumeGiB: 100, flakeAttr: "builder" } }),
+                rebootPolicy: "never",
+                hosts: JSON.stringify({ web: {}, build: { instanceType: "c7g.xlarge", rootVolumeGiB: 100, rebootPolicy: "always", flakeAttr: "builder" } }),
             },
         );
         expect(s.hosts).toEqual([
-            { name: "web", flakeAttr: "web", instanceType: "t3.medium", rootVolumeGiB: 30, architecture: "x86_64", nixSystem: "x86_64-linux" },
-            { name: "build", flakeAttr: "builder", instanceType: "c7g.xlarge", rootVolumeGiB: 100, architecture: "arm64", nixSystem: "aarch64-linux" },
+            { name: "web", flakeAttr: "web", instanceType: "t3.medium", rootVolumeGiB: 30, rebootPolicy: "never", architecture: "x86_64", nixSystem: "x86_64-linux" },
+            {
+                name: "build",
+                flakeAttr: "builder",
+                instanceType: "c7g.xlarge",
+                rootVolumeGiB: 100,
+                rebootPolicy: "always",
+                architecture: "arm64",
+                nixSystem: "aarch64-linux",
+            },
         ]);
     });
 
@@ -114,7 +131,7 @@ describe("parseSettings", () => {
         ["a host map that is not JSON", "staging", { ...base, hosts: "web" }, /^nixos-ec2:hosts: web is not valid JSON: an unexpected character at line 1 column 1; allowed: a map/],
         ["an empty host map on a stack not named like a host", "1staging", { ...base, hosts: "{}" }, /^nixos-ec2:hosts: \{\} \(the default\) names no host, and the stack name "1staging" is not a host name/],
         ["a host whose overrides are not an object", "staging", { ...base, hosts: '{"web": "big"}' }, /^nixos-ec2:hosts\.web: "big" is not an object/],
-        ["an unknown host setting", "staging", { ...base, hosts: '{"web": {"size": "big"}}' }, /^nixos-ec2:hosts\.web\.size: unknown host setting; allowed: instanceType, rootVolumeGiB, flakeAttr$/],
+        ["an unknown host setting", "staging", { ...base, hosts: '{"web": {"size": "big"}}' }, /^nixos-ec2:hosts\.web\.size: unknown host setting; allowed: instanceType, rootVolumeGiB, rebootPolicy, flakeAttr$/],
         ["a bad flake attribute", "staging", { ...base, hosts: '{"web": {"flakeAttr": "a.b"}}' }, /^nixos-ec2:hosts\.web\.flakeAttr: "a\.b" is not a Nix attribute name/],
         ["a host with a bad instance type", "staging", { ...base, hosts: '{"web": {"instanceType": "huge"}}' }, /^nixos-ec2:hosts\.web\.instanceType: "huge" is not an EC2 instance type/],
         ["a boolean that is not true/false", "staging", { ...base, elasticIp: "yes" }, /^nixos-ec2:elasticIp: "yes" is not allowed; allowed: true or false$/],
@@ -161,7 +178,9 @@ describe("parseSettings", () => {
         ["a pinned AMI for hosts of two architectures", "staging", { ...base, ami: "ami-0123456789abcdef0", hosts: '{"web": {}, "arm": {"instanceType": "t4g.small"}}' }, /^nixos-ec2:ami: "ami-0123456789abcdef0" is one image for hosts of two architectures \(t3\.small, t4g\.small\)/],
         ["a volume of 1e400", "staging", { ...base, hosts: '{"web": {"rootVolumeGiB": 1e400}}' }, /^nixos-ec2:hosts\.web\.rootVolumeGiB: Infinity is not allowed/],
         ["a huge unknown key", "staging", { ...base, ["k".repeat(3000)]: "x" }, /^nixos-ec2:k{70}… \(3010 characters\): unknown key/],
-        ["a host override of a key that is not per host", "staging", { ...base, hosts: '{"web": {"elasticIp": true}}' }, /^nixos-ec2:hosts\.web\.elasticIp: unknown host setting; allowed: instanceType, rootVolumeGiB, flakeAttr$/],
+        ["a bad reboot policy", "staging", { ...base, rebootPolicy: "sometimes" }, /^nixos-ec2:rebootPolicy: "sometimes" is not a reboot policy; allowed: never, when-required, always$/],
+        ["a bad host reboot policy", "staging", { ...base, hosts: '{"web": {"rebootPolicy": true}}' }, /^nixos-ec2:hosts\.web\.rebootPolicy: true is not a reboot policy; allowed: never, when-required, always$/],
+        ["a host override of a key that is not per host", "staging", { ...base, hosts: '{"web": {"elasticIp": true}}' }, /^nixos-ec2:hosts\.web\.elasticIp: unknown host setting; allowed: instanceType, rootVolumeGiB, rebootPolicy, flakeAttr$/],
     ];
 
     it.each(badConfigs)("rejects %s", (_what, stack, raw, message) => {

@@ -234,7 +234,7 @@ describeWithTools(DEPLOY_TOOLS)(
             const run = await runDeploy(deployEnv(sshd, { TMPDIR: tmp }));
             expect(run.stderr).not.toMatch(/interception|error:/);
             expect(run.code).toBe(0);
-            expect(JSON.parse(stdoutLines(run)[0])).toEqual({ systemPath: sshd.systemPath(), generation: 2 });
+            expect(JSON.parse(stdoutLines(run)[0])).toEqual({ systemPath: sshd.systemPath(), generation: 2, rebooted: false });
             expect(fs.readdirSync(tmp)).toEqual([]);
             fs.rmdirSync(tmp);
             expectNoSecretLeft(sshd, run);

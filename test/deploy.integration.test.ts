@@ -69,7 +69,7 @@ describeWithTools(DEPLOY_TOOLS)(
 
             const lines = stdoutLines(run);
             expect(lines).toHaveLength(1);
-            expect(JSON.parse(lines[0])).toEqual({ systemPath: sshd.systemPath(), generation: 2 });
+            expect(JSON.parse(lines[0])).toEqual({ systemPath: sshd.systemPath(), generation: 2, rebooted: false });
             expect(sshd.systemPath()).toMatch(new RegExp(`^${sshd.hostDir}/store/[0-9a-f]{32}-nixos-system-web$`));
             expect(sshd.currentSystem()).toBe(sshd.systemPath());
 

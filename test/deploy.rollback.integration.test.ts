@@ -38,7 +38,7 @@ describeWithTools(DEPLOY_TOOLS)(
             const run = await runDeploy(deployEnv(sshd, { NIXOS_EC2_ALLOW_FAILED_UNITS: "true" }));
             expect(run.code).toBe(0);
             expect(run.stderr).toContain("keeping the new system because allowFailedUnits is true");
-            expect(JSON.parse(stdoutLines(run)[0])).toEqual({ systemPath: sshd.systemPath(), generation: 2 });
+            expect(JSON.parse(stdoutLines(run)[0])).toEqual({ systemPath: sshd.systemPath(), generation: 2, rebooted: false });
             expect(sshd.systemPath()).toMatch(/-nixos-system-web$/);
             expect(sshd.calls().some((call) => call.includes("--switch-generation"))).toBe(false);
         });
@@ -149,7 +149,7 @@ describeWithTools(DEPLOY_TOOLS)(
             expect(rollback).toBeGreaterThan(-1);
             expect(build).toBeGreaterThan(rollback);
             // Same flake, same system: Nix makes no new generation.
-            expect(JSON.parse(stdoutLines(second)[0])).toEqual({ systemPath: sshd.systemPath(), generation: 2 });
+            expect(JSON.parse(stdoutLines(second)[0])).toEqual({ systemPath: sshd.systemPath(), generation: 2, rebooted: false });
             expect(fs.readFileSync(path.join(sshd.stateDir, "deploys", "0123456789ab"), "utf8")).toMatch(
                 /^rolled-back generation=1 reason=superseded by deploy/,
             );

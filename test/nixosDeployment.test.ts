@@ -42,6 +42,7 @@ describe("NixosDeployment", () => {
             NIXOS_EC2_ACTIVATION_TIMEOUT_SECONDS: "90",
             NIXOS_EC2_ROLLBACK_TIMEOUT_SECONDS: "120",
             NIXOS_EC2_ALLOW_FAILED_UNITS: "false",
+            NIXOS_EC2_REBOOT_POLICY: "when-required",
         });
         expect(JSON.stringify(command.inputs)).not.toContain("PRIVATE KEY");
     });
@@ -125,15 +126,18 @@ describe("what a deploy copies", () => {
 
 describe("parseDeployResult", () => {
     it("reads the script's last line", () => {
-        expect(parseDeployResult('progress\n{"systemPath":"/nix/store/abc-nixos-system-prod","generation":42}\n')).toEqual({
+        expect(parseDeployResult('progress\n{"systemPath":"/nix/store/abc-nixos-system-prod","generation":42,"rebooted":true}\n')).toEqual({
             systemPath: "/nix/store/abc-nixos-system-prod",
             generation: 42,
+            rebooted: true,
         });
     });
     it.each([
         ["no JSON", "done\n", /last line is not JSON: "done"/],
-        ["no store path", '{"systemPath":"/tmp/x","generation":1}', /lacks systemPath/],
-        ["a fractional generation", '{"systemPath":"/nix/store/x","generation":1.5}', /generation \(an integer\)/],
+        ["no store path", '{"systemPath":"/tmp/x","generation":1,"rebooted":false}', /lacks systemPath/],
+        ["a fractional generation", '{"systemPath":"/nix/store/x","generation":1.5,"rebooted":false}', /generation \(an integer\)/],
+        ["no reboot flag", '{"systemPath":"/nix/store/x","generation":1}', /rebooted \(true or false\)/],
+        ["a reboot flag that is a string", '{"systemPath":"/nix/store/x","generation":1,"rebooted":"false"}', /rebooted \(true or false\)/],
         ["nothing", "", /last line is not JSON/],
     ])("refuses %s", (_what, stdout, message) => {
         expect(() => parseDeployResult(stdout)).toThrow(message);

@@ -2,12 +2,15 @@
  * A real OpenSSH server on 127.0.0.1 that plays a NixOS host for deploy/nixos-deploy.sh: its own
  * ED25519 host key, an admin key in its AuthorizedKeysFile, and on the session PATH the stand-ins
  * from test/fixtures/host-bin (nixos-rebuild, nix-env, systemd-run, systemctl, curl, and df and
- * tar, which run the real ones unless a test makes the disk full), which record
- * every call in `<host>/calls.log`. The system profile is a real symlink chain
+ * tar, which run the real ones unless a test makes the disk full), grub-editenv, which record
+ * every call in `<host>/calls.log`. `systemctl reboot` really reboots it: every process of the
+ * host and every SSH connection dies, and after a delay the fake firmware boots what GRUB would
+ * (a new boot ID, an empty run/, the boot guard unit) and sshd comes back with the same host key. The system profile is a real symlink chain
  * (`system -> system-N-link -> <host>/store/<hash>-nixos-system-<name>`), so generations and store
  * paths the deploy reports are real readings. Used by the integration tests and the benchmark.
  */
 import { ChildProcess, execFileSync, spawn } from "node:child_process";
+import * as crypto from "node:crypto";
 import * as fs from "node:fs";
 import * as net from "node:net";
 import * as os from "node:os";
@@ -17,6 +20,8 @@ const REPO = path.resolve(__dirname, "..", "..");
 export const DEPLOY_SCRIPT = path.join(REPO, "deploy", "nixos-deploy.sh");
 const HOST_BIN = path.join(REPO, "test", "fixtures", "host-bin");
 const FAKE_SWITCH = path.join(REPO, "test", "fixtures", "fake-system", "switch-to-configuration");
+/** The two halves of a reboot: host-bin/systemctl runs power-off; this module runs firmware-boot. */
+const REBOOT_FIXTURES = ["power-off", "firmware-boot"].map((name) => path.join(REPO, "test", "fixtures", name));
 const SBIN_DIRS = ["/usr/local/sbin", "/usr/sbin", "/sbin"];
 const INITIAL_SYSTEM = "00000000000000000000000000000000-nixos-system-initial";
 const READY_TIMEOUT_MS = 10_000;
@@ -79,6 +84,18 @@ export interface HostBehaviour {
     diskFreeKib?: number;
     /** The host's tar fails half way through receiving the upload, as on a full disk. */
     uploadFails?: boolean;
+    /** The new system's switch-inhibitors (JSON); a change from the running one's refuses a live switch. */
+    switchInhibitors?: string;
+    /** The new system's init-interface-version ("systemd 2" unless set); a change needs a reboot. */
+    initInterface?: string;
+    /** The new system's kernel panics at boot (the image boots with panic=1). */
+    bootPanics?: boolean;
+    /** The new system's switch-to-configuration predates the `check` action. */
+    oldSwitch?: boolean;
+    /** The new system lacks nixos-ec2-boot-guard.service. */
+    noBootGuard?: boolean;
+    /** The build is not a NixOS system (no nixos-version file). */
+    notNixos?: boolean;
 }
 
 export interface SshdOptions {
@@ -88,6 +105,8 @@ export interface SshdOptions {
     healthUrl?: string;
     /** Sets NIXOS_EC2_PROGRESS_SECONDS for sessions: how often a long build says it still runs. */
     progressSeconds?: number;
+    /** How long the host stays down when it reboots (default 500 ms). */
+    rebootDelayMs?: number;
 }
 
 export interface TestSshd {
@@ -121,6 +140,12 @@ export interface TestSshd {
     systemPath(): string;
     /** Store path /run/current-system (the activated system) resolves to. */
     currentSystem(): string;
+    /** Store path /run/booted-system resolves to. */
+    bootedSystem(): string;
+    /** The host's boot ID (new at every boot). */
+    bootId(): string;
+    /** Boots since the server started. */
+    boots(): number;
     /** Successful SSH logins so far ("Accepted publickey" in sshd's log). */
     acceptedLogins(): number;
     sshdLog(): string;
@@ -163,7 +188,7 @@ function makeFlake(flakeDir: string): void {
 
 /** Lays out the fake host: stand-ins, generation 1 of the system profile, the admin key. */
 function makeHost(hostDir: string, adminPublicKey: string): void {
-    for (const sub of ["bin", "fixtures", "store", "profiles", "run", "state", "control", "units"]) {
+    for (const sub of ["bin", "fixtures", "store", "profiles", "run", "state", "control", "units", "boot/grub"]) {
         fs.mkdirSync(path.join(hostDir, sub), { recursive: true });
     }
     for (const name of fs.readdirSync(HOST_BIN)) {
@@ -171,6 +196,9 @@ function makeHost(hostDir: string, adminPublicKey: string): void {
         fs.chmodSync(path.join(hostDir, "bin", name), 0o755);
     }
     fs.copyFileSync(FAKE_SWITCH, path.join(hostDir, "fixtures", "switch-to-configuration"));
+    for (const fixture of REBOOT_FIXTURES) {
+        fs.copyFileSync(fixture, path.join(hostDir, "fixtures", path.basename(fixture)));
+    }
     fs.writeFileSync(path.join(hostDir, "admin.pub"), adminPublicKey);
     fs.writeFileSync(path.join(hostDir, "authorized_keys"), adminPublicKey);
     fs.writeFileSync(path.join(hostDir, "calls.log"), "");
@@ -183,9 +211,39 @@ function makeHost(hostDir: string, adminPublicKey: string): void {
     fs.writeFileSync(path.join(initial, "switch-exit"), "0");
     fs.writeFileSync(path.join(initial, "health"), "ok");
     fs.writeFileSync(path.join(initial, "system-state"), "running");
+    // Like the stock image: a NixOS system without the project's boot guard.
+    fs.writeFileSync(path.join(initial, "nixos-version"), "26.05.20261124.0000000 (Fake)\n");
+    fs.writeFileSync(path.join(initial, "init-interface-version"), "systemd 2\n");
+    fs.writeFileSync(path.join(initial, "switch-inhibitors"), '{"dbus-implementation":"dbus"}\n');
+    fs.writeFileSync(path.join(initial, "kernel"), "");
+    fs.writeFileSync(path.join(initial, "init"), "");
     fs.symlinkSync(initial, path.join(hostDir, "profiles", "system-1-link"));
     fs.symlinkSync("system-1-link", path.join(hostDir, "profiles", "system"));
     fs.symlinkSync(initial, path.join(hostDir, "run", "current-system"));
+    fs.symlinkSync(initial, path.join(hostDir, "run", "booted-system"));
+    fs.writeFileSync(path.join(hostDir, "boot-id"), `${crypto.randomUUID()}\n`);
+    // The image's boot loader, as its switch-to-configuration installs it.
+    execFileSync(path.join(initial, "bin", "switch-to-configuration"), ["boot"], { stdio: "ignore" });
+    fs.writeFileSync(path.join(hostDir, "calls.log"), "");
+}
+
+/** The environment of the fake host's sessions and units. */
+function hostEnvironment(o: { hostDir: string; healthUrl?: string; progressSeconds?: number }): Record<string, string> {
+    const env: Record<string, string> = {
+        PATH: `${path.join(o.hostDir, "bin")}:/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin`,
+        NIXOS_EC2_STATE_DIR: path.join(o.hostDir, "state"),
+        NIXOS_EC2_SYSTEM_PROFILE: path.join(o.hostDir, "profiles", "system"),
+        NIXOS_EC2_RUN_DIR: path.join(o.hostDir, "run"),
+        NIXOS_EC2_BOOT_ID_FILE: path.join(o.hostDir, "boot-id"),
+        NIXOS_EC2_GRUB_DIR: path.join(o.hostDir, "boot", "grub"),
+    };
+    if (o.healthUrl !== undefined) {
+        env.NIXOS_EC2_HEALTH_URL = o.healthUrl;
+    }
+    if (o.progressSeconds !== undefined) {
+        env.NIXOS_EC2_PROGRESS_SECONDS = String(o.progressSeconds);
+    }
+    return env;
 }
 
 function sshdConfig(o: {
@@ -197,19 +255,11 @@ function sshdConfig(o: {
     progressSeconds?: number;
 }): string {
     const env = [
-        `PATH=${path.join(o.hostDir, "bin")}:/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin`,
         // Debian's bash sources ~/.bashrc for ssh commands when SHLVL < 2; the test user's
         // dotfiles (PATH changes, slow init) must not shape the fake host.
         "SHLVL=1",
-        `NIXOS_EC2_STATE_DIR=${path.join(o.hostDir, "state")}`,
-        `NIXOS_EC2_SYSTEM_PROFILE=${path.join(o.hostDir, "profiles", "system")}`,
+        ...Object.entries(hostEnvironment(o)).map(([name, value]) => `${name}=${value}`),
     ];
-    if (o.healthUrl !== undefined) {
-        env.push(`NIXOS_EC2_HEALTH_URL=${o.healthUrl}`);
-    }
-    if (o.progressSeconds !== undefined) {
-        env.push(`NIXOS_EC2_PROGRESS_SECONDS=${o.progressSeconds}`);
-    }
     return [
         "ListenAddress 127.0.0.1",
         `Port ${o.port}`,
@@ -273,16 +323,44 @@ export async function startSshd(options: SshdOptions = {}): Promise<TestSshd> {
     let child: ChildProcess | undefined;
     let exited = false;
     let startTimer: NodeJS.Timeout | undefined;
+    let rebootTimer: NodeJS.Timeout | undefined;
     let stopped = false;
+    const rebootRequest = path.join(hostDir, "reboot-requested");
+    // The power came back: boot what GRUB would, then sshd again (see test/fixtures/firmware-boot).
+    const powerOn = (): void => {
+        rebootTimer = undefined;
+        if (stopped) {
+            return;
+        }
+        execFileSync("bash", [path.join(hostDir, "fixtures", "firmware-boot"), hostDir], {
+            env: hostEnvironment({ hostDir, healthUrl: options.healthUrl, progressSeconds: options.progressSeconds }),
+            stdio: "ignore",
+        });
+        launch().catch((error: Error) => {
+            // A test that ends while the host boots stops it, and removes its files.
+            if (!stopped) {
+                fs.appendFileSync(logFile, `\nrestart after reboot failed: ${error.message}\n`);
+            }
+        });
+    };
     const launch = (): Promise<void> => {
+        exited = false;
+        // Only this run's lines count as "listening".
+        const logStart = readOr(logFile, "").length;
         child = spawn(sshdCommand(), ["-D", "-f", configFile, "-E", logFile], { stdio: ["ignore", "ignore", "pipe"] });
         let stderr = "";
         child.stderr?.on("data", (chunk: Buffer) => (stderr += chunk.toString()));
-        child.once("exit", () => (exited = true));
+        child.once("exit", () => {
+            exited = true;
+            if (!stopped && fs.existsSync(rebootRequest)) {
+                fs.rmSync(rebootRequest);
+                rebootTimer = setTimeout(powerOn, options.rebootDelayMs ?? 500);
+            }
+        });
         const started = Date.now();
         return new Promise((resolve, reject) => {
             const poll = (): void => {
-                if (readOr(logFile, "").includes(`Server listening on 127.0.0.1 port ${port}`)) {
+                if (readOr(logFile, "").slice(logStart).includes(`Server listening on 127.0.0.1 port ${port}`)) {
                     resolve();
                 } else if (exited || Date.now() - started > READY_TIMEOUT_MS) {
                     reject(new Error(`sshd did not start on port ${port}: ${stderr}${readOr(logFile, "")}`));
@@ -334,6 +412,12 @@ export async function startSshd(options: SshdOptions = {}): Promise<TestSshd> {
             writeControl(hostDir, "switch-delay", b.switchDelaySeconds);
             writeControl(hostDir, "disk-free-kib", b.diskFreeKib);
             writeControl(hostDir, "upload-fails", b.uploadFails);
+            writeControl(hostDir, "switch-inhibitors", b.switchInhibitors);
+            writeControl(hostDir, "init-interface", b.initInterface);
+            writeControl(hostDir, "boot-panics", b.bootPanics);
+            writeControl(hostDir, "old-switch", b.oldSwitch);
+            writeControl(hostDir, "no-boot-guard", b.noBootGuard);
+            writeControl(hostDir, "not-nixos", b.notNixos);
         },
         calls(): string[] {
             return readOr(path.join(hostDir, "calls.log"), "")
@@ -353,6 +437,17 @@ export async function startSshd(options: SshdOptions = {}): Promise<TestSshd> {
         currentSystem(): string {
             return fs.realpathSync(path.join(hostDir, "run", "current-system"));
         },
+        bootedSystem(): string {
+            return fs.realpathSync(path.join(hostDir, "run", "booted-system"));
+        },
+        bootId(): string {
+            return fs.readFileSync(path.join(hostDir, "boot-id"), "utf8").trim();
+        },
+        boots(): number {
+            return readOr(path.join(hostDir, "calls.log"), "")
+                .split("\n")
+                .filter((line) => line.startsWith("firmware-boot: booting ")).length;
+        },
         acceptedLogins(): number {
             return (readOr(logFile, "").match(/Accepted publickey for /g) ?? []).length;
         },
@@ -363,6 +458,9 @@ export async function startSshd(options: SshdOptions = {}): Promise<TestSshd> {
             stopped = true;
             if (startTimer) {
                 clearTimeout(startTimer);
+            }
+            if (rebootTimer) {
+                clearTimeout(rebootTimer);
             }
             // Armed rollback timers of the systemd-run stand-in are background processes.
             const units = path.join(hostDir, "units");
@@ -402,6 +500,7 @@ export function deployEnv(sshd: TestSshd, overrides: Record<string, string> = {}
         NIXOS_EC2_ACTIVATION_TIMEOUT_SECONDS: "4",
         NIXOS_EC2_ROLLBACK_TIMEOUT_SECONDS: "5",
         NIXOS_EC2_ALLOW_FAILED_UNITS: "false",
+        NIXOS_EC2_REBOOT_POLICY: "when-required",
         ...overrides,
     };
 }
