@@ -4,6 +4,7 @@ import { readNetworkFile } from "../lib/network";
 import { listStacks, loadSettings } from "../lib/stacks";
 import {
     DEV_SHELL_TOOLS,
+    evalBootGuard,
     evalFirewallPorts,
     evalFlakeStructure,
     evalFlakeSystems,
@@ -228,6 +229,34 @@ describeWithTools(["nix-instantiate"])("the flake in nix/ (nix-instantiate, stan
 
         it("keeps output names to what `nix flake check` knows", () => {
             expect(flake.outputs).toEqual(["checks", "devShells", "formatter", "nixosConfigurations"]);
+        });
+    });
+
+    describe("boot guard", () => {
+        const remoteSwitch = readFileSync(path.join(NIX_DIR, "..", "deploy", "remote-switch.sh"), "utf8");
+        const deployScript = readFileSync(path.join(NIX_DIR, "..", "deploy", "nixos-deploy.sh"), "utf8");
+
+        it.each([
+            ["x86_64 (BIOS GRUB)", false, "grub2"],
+            ["aarch64 (EFI GRUB, which the grub module leaves off PATH)", true, "grub2_efi"],
+        ])("runs the installed remote-switch.sh boot-guard before sshd on %s, with grub-editenv on PATH", async (_what, aarch64, grub) => {
+            const guard = await evalBootGuard(aarch64);
+            const unit = /^readonly BOOT_GUARD_UNIT=(\S+)\.service$/m.exec(remoteSwitch)?.[1];
+            const stateDir = /^readonly DEFAULT_STATE_DIR=(\S+)$/m.exec(deployScript)?.[1];
+            expect(unit).toBe("nixos-ec2-boot-guard");
+            expect(stateDir).toBe("/var/lib/nixos-ec2");
+            expect(Object.keys(guard.services)).toEqual([unit]);
+            expect(guard.services[unit as string]).toEqual({
+                wantedBy: ["multi-user.target"],
+                before: ["sshd.service"],
+                path: ["nix", "systemd", grub, "coreutils", "util-linux"],
+                condition: `${stateDir}/pending-boot`,
+                execStart: `/bash/bin/bash ${stateDir}/bin/remote-switch.sh boot-guard`,
+                type: "oneshot",
+            });
+            expect(guard.systemPackages).toEqual([grub]);
+            // The command the unit runs exists in the script, and needs no arguments.
+            expect(remoteSwitch).toMatch(/^ {4}boot-guard\)\n {8}need_args 0 "\$@"$/m);
         });
     });
 

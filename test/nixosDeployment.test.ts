@@ -61,6 +61,13 @@ describe("NixosDeployment", () => {
         );
     });
 
+    it("hands each host its own rebootPolicy, the stack-wide one unless the host overrides it", async () => {
+        const fleet = await runProgram("staging", { rebootPolicy: "never", hosts: '{"staging": {"rebootPolicy": "always"}, "web": {}}' });
+        const policyOf = (name: string) =>
+            ((resource(fleet, "command:local:Command", `${name}-switch`).inputs.environment as SecretValue).value as Record<string, string>).NIXOS_EC2_REBOOT_POLICY;
+        expect([policyOf("staging"), policyOf("web")]).toEqual(["always", "never"]);
+    });
+
     it("has the same triggers in a second run of the same program", async () => {
         const again = await runProgram("prod");
         expect(resource(again, "command:local:Command", "prod-switch").inputs.triggers).toEqual(resource(run, "command:local:Command", "prod-switch").inputs.triggers);

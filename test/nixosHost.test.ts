@@ -114,6 +114,7 @@ describe("NixosHost", () => {
                 `-o 'KnownHostsCommand=/usr/bin/env echo %H ${hosts.staging.hostPublicKey}' root@${ip})`,
             systemPath: "(known after deploy)",
             generation: "(known after deploy)",
+            rebooted: "(known after deploy)",
         });
     });
 

@@ -9,5 +9,6 @@
     ./firewall.nix
     ./web.nix
     ./upgrades.nix
+    ./boot-guard.nix
   ];
 }

@@ -207,6 +207,36 @@ export async function evalFlakeSystems(nixDir: string = NIX_DIR): Promise<Record
     return Object.fromEntries(Object.entries(hosts).map(([name, host]) => [name, host.system]));
 }
 
+/** What nix/modules/boot-guard.nix defines, evaluated on its own for one platform. */
+export interface BootGuard {
+    readonly systemPackages: string[];
+    readonly services: Record<string, { wantedBy: string[]; before: string[]; path: string[]; condition: string; execStart: string; type: string }>;
+}
+
+export async function evalBootGuard(aarch64: boolean, nixDir: string = NIX_DIR): Promise<BootGuard> {
+    return evalWithNixDir<BootGuard>(
+        `{ nixDir }:
+        let
+          module = import (/. + nixDir + "/modules/boot-guard.nix");
+          pkgs = {
+            stdenv.hostPlatform.isAarch64 = ${aarch64 ? "true" : "false"};
+            grub2 = "grub2"; grub2_efi = "grub2_efi"; coreutils = "coreutils"; util-linux = "util-linux"; bash = "/bash";
+          };
+          config = { nix.package = "nix"; systemd.package = "systemd"; };
+          result = module { inherit config pkgs; lib = { }; };
+        in {
+          systemPackages = result.environment.systemPackages;
+          services = builtins.mapAttrs (name: s: {
+            inherit (s) wantedBy before path;
+            condition = s.unitConfig.ConditionPathExists;
+            execStart = s.serviceConfig.ExecStart;
+            type = s.serviceConfig.Type;
+          }) result.systemd.services;
+        }`,
+        nixDir,
+    );
+}
+
 /** networking.firewall.allowedTCPPorts of nix/modules/firewall.nix, evaluated on its own. */
 export async function evalFirewallPorts(nixDir: string = NIX_DIR): Promise<number[]> {
     return evalWithNixDir<number[]>(
