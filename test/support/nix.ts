@@ -9,6 +9,8 @@ import { readdirSync } from "node:fs";
 import * as path from "node:path";
 
 export const NIX_DIR = path.join(__dirname, "..", "..", "nix");
+/** The part of nixpkgs' lib that the modules call (mkIf, mkOption, ...), in nixpkgs' shapes. */
+export const STAND_IN_LIB = path.join(__dirname, "stand-in-lib.nix");
 
 /** The tools `nix develop` must provide (nixpkgs attribute names). */
 export const DEV_SHELL_TOOLS = ["awscli2", "nixfmt", "nodejs_22", "openssh", "pulumi", "shellcheck"];
@@ -104,7 +106,7 @@ export interface FlakeStructure {
  * the host list does not depend on real nixpkgs packages.
  */
 const STRUCTURE_EXPRESSION = `
-{ nixDir, devShellTools }:
+{ nixDir, devShellTools, standInLibFile }:
 let
   dir = /. + nixDir;
   flake = import (dir + "/flake.nix");
@@ -136,8 +138,9 @@ let
     legacyPackages = throw "nixosConfigurations evaluated nixpkgs.legacyPackages";
   };
 
+  # Modules get no configuration and no packages: only their shape is read here.
   callModule = m: if builtins.isFunction m
-    then m { config = { }; lib = { }; pkgs = { }; options = { }; modulesPath = "/modules-path"; }
+    then m { config = { }; lib = import standInLibFile; pkgs = { }; options = { }; modulesPath = "/modules-path"; }
     else m;
   hostOf = name: args:
     let
@@ -195,6 +198,9 @@ export async function evalFlakeStructure(nixDir: string = NIX_DIR): Promise<Flak
         "--argstr",
         "devShellTools",
         JSON.stringify(DEV_SHELL_TOOLS),
+        "--argstr",
+        "standInLibFile",
+        STAND_IN_LIB,
         "-E",
         STRUCTURE_EXPRESSION,
     ]);
