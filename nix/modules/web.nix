@@ -2,6 +2,7 @@
 { config, lib, ... }:
 let
   cfg = config.nixosEc2.web;
+  debugLogging = config.nixosEc2.logging.debug;
   https = cfg.domain != null;
 
   locations = {
@@ -57,7 +58,19 @@ in
       recommendedGzipSettings = true;
       serverTokens = false;
 
-      commonHttpConfig = lib.mkIf (!config.nixosEc2.logging.debug) ''
+      # nginx appends ", client: <address>" to whatever it logs about a request or connection
+      # (ngx_http_log_error). A missing file, a too large body or a refused request is logged at
+      # "error", and a TLS handshake failure nginx does not recognise at "crit"
+      # (ngx_ssl_connection_error), so both levels would keep visitors' addresses. From "alert"
+      # up nginx reports its own failures (a worker that died, no memory, too many open files).
+      # Staging (debug logging) keeps the module's default, "stderr" at level "error".
+      logError = lib.mkIf (!debugLogging) "stderr alert";
+
+      commonHttpConfig = ''
+        # A missing file is already a 404 line in the access log.
+        log_not_found off;
+      ''
+      + lib.optionalString (!debugLogging) ''
         log_format without_address '$time_iso8601 "$request" $status $body_bytes_sent "$http_user_agent"';
         access_log /var/log/nginx/access.log without_address;
       '';

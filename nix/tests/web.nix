@@ -43,6 +43,11 @@ pkgs.testers.runNixOSTest {
   testScript = ''
     ssh_opts = "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
 
+
+    def http_status(url, options=""):
+        return client.succeed(f"curl -s -o /dev/null -w '%{{http_code}} %{{redirect_url}}' {options} {url}").strip()
+
+
     start_all()
     server.wait_for_unit("nginx.service")
     server.wait_for_unit("sshd.service")
@@ -87,5 +92,17 @@ pkgs.testers.runNixOSTest {
         on_disk = server.succeed("cut -d ' ' -f 1,2 /etc/ssh/ssh_host_ed25519_key.pub").strip()
         offered = client.succeed("ssh-keyscan server 2>/dev/null | cut -d ' ' -f 2,3").split()
         assert " ".join(offered) == on_disk, f"offered {offered}, on disk {on_disk}"
+
+    with subtest("nginx keeps no visitor address"):
+        client_ip = client.succeed("ip -4 -o addr show dev eth1").split()[3].split("/")[0]
+        # A missing file (log_not_found) and a too large body (level "error"): nginx would log
+        # each with ", client: <address>".
+        assert http_status("http://server/no-such-page") == "404"
+        assert http_status("http://server/", "-X POST -H 'Content-Length: 20000000'") == "413"
+        server.succeed("journalctl --sync")
+        journal = server.succeed("journalctl -u nginx.service -o cat")
+        assert "client:" not in journal and client_ip not in journal, journal
+        access = server.succeed("cat /var/log/nginx/access.log")
+        assert "/no-such-page" in access and client_ip not in access, access
   '';
 }
