@@ -68,6 +68,8 @@ export interface FlakeHost {
     readonly hostFile: string | null;
     /** Its `system.stateVersion`, when that file sets one. */
     readonly stateVersion: string | null;
+    /** What that file sets under nixosEc2. */
+    readonly settings: Record<string, unknown>;
     /** Path modules that do not exist. */
     readonly missingModules: string[];
 }
@@ -91,8 +93,8 @@ export interface FlakeStructure {
     readonly devShells: Record<string, string[]>;
     /** formatter.<system>, as a nixpkgs attribute name. */
     readonly formatters: Record<string, string>;
-    /** checks.<system>.<name>: the NixOS test's name, nodes, and the files its nodes import or disable that do not exist. */
-    readonly checks: Record<string, Record<string, { name: string; nodes: string[]; missingImports: string[] }>>;
+    /** checks.<system>.<name>: the NixOS test's name, nodes, the files its nodes import or disable that do not exist, what each node sets under nixosEc2, and the test script (Python; packages are their attribute names). */
+    readonly checks: Record<string, Record<string, { name: string; nodes: string[]; missingImports: string[]; settings: Record<string, Record<string, unknown>>; testScript: string }>>;
     /** networking.firewall.allowedTCPPorts of modules/firewall.nix. */
     readonly firewallPorts: number[];
     /** modules/*.nix by file name. */
@@ -114,7 +116,7 @@ let
 
   # A package set whose members are their own names, plus the functions the flake calls.
   fakePkgs = system:
-    builtins.listToAttrs (map (name: { inherit name; value = name; }) (tools ++ [ "nixfmt-tree" ]))
+    builtins.listToAttrs (map (name: { inherit name; value = name; }) (tools ++ [ "nixfmt-tree" "util-linux" ]))
     // {
       inherit system;
       mkShellNoCC = args: args;
@@ -152,6 +154,7 @@ let
       system = args.system;
       hostFile = if hostFile == null then null else toString hostFile;
       stateVersion = hostModule.system.stateVersion or null;
+      settings = hostModule.nixosEc2 or { };
       missingModules = map toString (builtins.filter (p: !builtins.pathExists p) paths);
     };
 
@@ -180,6 +183,8 @@ in {
       let m = callModule module;
       in map toString (builtins.filter (p: builtins.isPath p && !builtins.pathExists p)
         ((m.imports or [ ]) ++ (m.disabledModules or [ ])))) test.nodes));
+    settings = builtins.mapAttrs (node: module: (callModule module).nixosEc2 or { }) test.nodes;
+    inherit (test) testScript;
   })) outputs.checks;
   firewallPorts = firewall.networking.firewall.allowedTCPPorts;
   modules = builtins.listToAttrs (map (file: { name = file; value = shapeOf file; }) moduleFiles);
