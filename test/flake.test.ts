@@ -1,3 +1,4 @@
+import { execFileSync } from "node:child_process";
 import { cpSync, readFileSync, writeFileSync } from "node:fs";
 import * as path from "node:path";
 import { readNetworkFile } from "../lib/network";
@@ -182,7 +183,13 @@ describeWithTools(["nix-instantiate"])("the flake in nix/ (nix-instantiate, stan
             const dir = copyOfNixDir();
             editFile(path.join(dir, "flake.nix"), 'prod = "x86_64-linux";', 'prod = "x86_64-linux";\n        web = "x86_64-linux";');
             const { hosts } = await evalFlakeStructure(dir);
-            expect(hosts.web).toEqual({ system: "x86_64-linux", hostFile: null, stateVersion: null, missingModules: [path.join(dir, "hosts", "web.nix")] });
+            expect(hosts.web).toEqual({
+                system: "x86_64-linux",
+                hostFile: null,
+                stateVersion: null,
+                settings: {},
+                missingModules: [path.join(dir, "hosts", "web.nix")],
+            });
         });
     });
 
@@ -223,7 +230,17 @@ describeWithTools(["nix-instantiate"])("the flake in nix/ (nix-instantiate, stan
         it("checks the web server in a NixOS VM test on Linux, with a client node", () => {
             expect(Object.keys(flake.checks).sort()).toEqual(LINUX_SYSTEMS);
             for (const checks of Object.values(flake.checks)) {
-                expect(checks.web).toEqual({ name: "nixos-ec2-web", nodes: ["client", "server"], missingImports: [] });
+                expect(checks.web).toMatchObject({ name: "nixos-ec2-web", nodes: ["client", "server", "staging"], missingImports: [] });
+            }
+        });
+
+        it("boots prod's settings as `server` and staging's, plus a pending domain, as `staging` in the VM test", () => {
+            for (const { web } of Object.values(flake.checks)) {
+                expect(web.settings.server).toEqual(flake.hosts.prod.settings);
+                const { web: domain, flake: _flake, ...staging } = web.settings.staging;
+                expect(staging).toEqual(flake.hosts.staging.settings);
+                expect(flake.hosts.staging.settings).toEqual({ autoUpgrade: { enable: true }, logging: { debug: true } });
+                expect(domain).toEqual({ domain: expect.stringMatching(/\.example\.org$/), acmeEmail: expect.any(String) });
             }
         });
 
@@ -285,5 +302,29 @@ describeWithTools(["nix-instantiate"])("the flake in nix/ (nix-instantiate, stan
             const [group] = run.resources.filter((r) => r.type === SG);
             expect(ports.filter((p) => p !== 22)).not.toEqual(publicPortsOfSecurityGroup(group.inputs.ingress as Array<Record<string, unknown>>));
         });
+    });
+});
+
+/** Parses a Python file with python3's own parser; throws with its SyntaxError. */
+function parsePython(file: string): void {
+    execFileSync("python3", ["-c", "import ast, sys; ast.parse(open(sys.argv[1]).read(), sys.argv[1])", file], { encoding: "utf8", stdio: "pipe" });
+}
+
+describeWithTools(["nix-instantiate", "python3"])("the VM test's script (python3)", () => {
+    it("is Python that parses, on every test system", async () => {
+        const { checks } = await evalFlakeStructure();
+        const dir = tempDir("nixos-ec2-vm-test-");
+        for (const [system, { web }] of Object.entries(checks)) {
+            const file = path.join(dir, `${system}.py`);
+            writeFileSync(file, web.testScript);
+            expect(web.testScript).toContain("start_all()");
+            expect(() => parsePython(file)).not.toThrow();
+        }
+    });
+
+    it("notices a script that does not parse", () => {
+        const file = path.join(tempDir("nixos-ec2-vm-test-"), "broken.py");
+        writeFileSync(file, 'with subtest("x"):\nassert True\n');
+        expect(() => parsePython(file)).toThrow(/IndentationError/);
     });
 });

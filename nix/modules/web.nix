@@ -2,14 +2,51 @@
 { config, lib, ... }:
 let
   cfg = config.nixosEc2.web;
+  debugLogging = config.nixosEc2.logging.debug;
   https = cfg.domain != null;
+  domain = toString cfg.domain;
 
-  locations = {
+  # nixos/modules/security/acme/default.nix: acme-<cert>.service installs a self-signed
+  # placeholder in /var/lib/acme/<cert> and acme-order-renew-<cert>.service orders the real
+  # certificate (lego); an order that fails, as it does until DNS points the name at this host,
+  # exits 10 and leaves the unit failed, and only the daily acme-renew-<cert>.timer (24 h random
+  # delay) would try again. The first real certificate leaves `acme-success` in that directory
+  # for good. The nginx module names the certificate after the vhost's serverName.
+  realCertificate = "/var/lib/acme/${domain}/acme-success";
+  orderUnit = "acme-order-renew-${domain}.service";
+  retryUnit = "nixos-ec2-acme-retry";
+  # At most 5 orders an hour: Let's Encrypt allows 5 failed authorizations per name, account
+  # and hour. A name that starts resolving gets its certificate within 12 minutes and a bit.
+  retryCalendar = "*:0/12";
+
+  isDnsName =
+    name:
+    builtins.match "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?([.][a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+" name
+    != null;
+
+  # Plain HTTP keeps serving the page until a real certificate exists, because HTTPS offers
+  # only the self-signed placeholder before that; from then on HTTP redirects to HTTPS. The file
+  # test runs per request (ngx_http_rewrite_module `if -f`), so no reload is needed for it.
+  # nginx's `if` has no "and": the variable carries the scheme and, with the certificate, a mark.
+  httpsOnceCertified = ''
+    set $nixos_ec2_https $scheme;
+    if (-f ${realCertificate}) {
+      set $nixos_ec2_https "$scheme+certified";
+    }
+  '';
+
+  # `redirect`: send plain HTTP to HTTPS once the certificate is in place (see above).
+  locationsWith = redirect: {
     "/".extraConfig = ''
       # A new deploy must show up on the next reload, not after a cache expires.
       add_header Cache-Control "no-cache" always;
       add_header X-Content-Type-Options "nosniff" always;
       add_header Referrer-Policy "no-referrer" always;
+    ''
+    + lib.optionalString redirect ''
+      if ($nixos_ec2_https = "http+certified") {
+        return 301 https://$host$request_uri;
+      }
     '';
     "= /healthz" = {
       return = ''200 "ok\n"'';
@@ -27,10 +64,11 @@ in
       default = null;
       example = "todo.example.org";
       description = ''
-        Public DNS name of this host. When set, nginx obtains a Let's Encrypt
-        certificate for it (HTTP-01 challenge on port 80), serves the page over
-        HTTPS on port 443 and redirects plain HTTP there. The name must already
-        resolve to the instance's public address, or the certificate request fails.
+        Public DNS name of this host (lowercase). When set, nginx obtains a Let's Encrypt
+        certificate for it (HTTP-01 challenge on port 80) and serves the page over HTTPS on
+        port 443 as well. Until the name resolves to the instance's public address the order
+        fails; the page stays on plain HTTP, the order is retried every 12 minutes, and once
+        the certificate is in place plain HTTP redirects to HTTPS.
       '';
     };
     acmeEmail = lib.mkOption {
@@ -45,7 +83,12 @@ in
     assertions = [
       {
         assertion = https -> cfg.acmeEmail != null;
-        message = "nixosEc2.web.domain is set to ${toString cfg.domain}: set nixosEc2.web.acmeEmail as well, the address Let's Encrypt registers the certificate to.";
+        message = "nixosEc2.web.domain is set to ${domain}: set nixosEc2.web.acmeEmail as well, the address Let's Encrypt registers the certificate to.";
+      }
+      {
+        # It ends up in unit names, paths, nginx's configuration and shell scripts.
+        assertion = https -> isDnsName domain;
+        message = "nixosEc2.web.domain is ${builtins.toJSON domain}: give a lowercase DNS name with at least one dot, such as todo.example.org.";
       }
     ];
 
@@ -57,7 +100,19 @@ in
       recommendedGzipSettings = true;
       serverTokens = false;
 
-      commonHttpConfig = lib.mkIf (!config.nixosEc2.logging.debug) ''
+      # nginx appends ", client: <address>" to whatever it logs about a request or connection
+      # (ngx_http_log_error). A missing file, a too large body or a refused request is logged at
+      # "error", and a TLS handshake failure nginx does not recognise at "crit"
+      # (ngx_ssl_connection_error), so both levels would keep visitors' addresses. From "alert"
+      # up nginx reports its own failures (a worker that died, no memory, too many open files).
+      # Staging (debug logging) keeps the module's default, "stderr" at level "error".
+      logError = lib.mkIf (!debugLogging) "stderr alert";
+
+      commonHttpConfig = ''
+        # A missing file is already a 404 line in the access log.
+        log_not_found off;
+      ''
+      + lib.optionalString (!debugLogging) ''
         log_format without_address '$time_iso8601 "$request" $status $body_bytes_sent "$http_user_agent"';
         access_log /var/log/nginx/access.log without_address;
       '';
@@ -65,11 +120,14 @@ in
       virtualHosts = {
         todo = {
           default = true;
-          serverName = if https then cfg.domain else "_";
+          serverName = if https then domain else "_";
           root = ../www;
           enableACME = https;
-          forceSSL = https;
-          inherit locations;
+          # Both schemes, not forceSSL: forceSSL redirects every plain HTTP request to HTTPS at
+          # once, also while HTTPS has only the self-signed placeholder to offer.
+          addSSL = https;
+          locations = locationsWith https;
+          extraConfig = lib.optionalString https httpsOnceCertified;
         };
 
         # The deploy step checks http://127.0.0.1/healthz on the host. With HTTPS on,
@@ -83,7 +141,7 @@ in
             }
           ];
           root = ../www;
-          inherit locations;
+          locations = locationsWith false;
         };
       };
     };
@@ -91,6 +149,27 @@ in
     security.acme = lib.mkIf https {
       acceptTerms = true;
       defaults.email = cfg.acmeEmail;
+    };
+
+    # Orders the certificate again while none has been issued, so that it arrives soon after DNS
+    # points the name here instead of up to two days later. It never fails itself (the order
+    # unit reports its own failure) and stops its timer once the certificate exists; renewals
+    # stay with acme-renew-<cert>.timer.
+    systemd.services = lib.mkIf https {
+      ${retryUnit} = {
+        description = "Order the certificate for ${domain} again until one is issued";
+        startAt = retryCalendar;
+        serviceConfig.Type = "oneshot";
+        script = ''
+          if [ -e ${realCertificate} ]; then
+            echo "nixos-ec2: the certificate for ${domain} is in place; stopping ${retryUnit}.timer (acme-renew-${domain}.timer renews it)"
+            systemctl stop --no-block ${retryUnit}.timer
+            exit 0
+          fi
+          echo "nixos-ec2: no certificate for ${domain} yet (no ${realCertificate}): starting ${orderUnit} again; it fails with exit status 10 until ${domain} resolves to this host"
+          systemctl start --no-block ${orderUnit}
+        '';
+      };
     };
   };
 }

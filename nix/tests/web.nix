@@ -1,7 +1,12 @@
 # Boots the server configuration without its EC2-only module and checks it from a
-# second machine, as a visitor (or an attacker) sees it. Needs Linux with KVM:
+# second machine, as a visitor (or an attacker) sees it. `server` has prod's settings (the
+# modules' defaults); `staging` has staging's, and a domain whose certificate stays pending:
+# the test network has no DNS and no way to Let's Encrypt. Needs Linux with KVM:
 # `nix flake check` runs it as checks.<system>.web.
 { pkgs }:
+let
+  domain = "staging.todo.example.org";
+in
 pkgs.testers.runNixOSTest {
   name = "nixos-ec2-web";
 
@@ -29,6 +34,28 @@ pkgs.testers.runNixOSTest {
         };
       };
 
+    staging =
+      { lib, ... }:
+      {
+        imports = [ ../modules ];
+        disabledModules = [ ../modules/ec2.nix ];
+
+        # What nix/hosts/staging.nix turns on.
+        nixosEc2.logging.debug = true;
+        nixosEc2.autoUpgrade.enable = true;
+        nixosEc2.flake = {
+          source = "/nonexistent-flake";
+          attr = "staging";
+        };
+        # The test starts the upgrade itself; the timer must not (a date long past never comes).
+        system.autoUpgrade.dates = lib.mkForce "2000-01-01";
+
+        nixosEc2.web = {
+          inherit domain;
+          acmeEmail = "ops@example.org";
+        };
+      };
+
     client =
       { pkgs, ... }:
       {
@@ -42,6 +69,20 @@ pkgs.testers.runNixOSTest {
 
   testScript = ''
     ssh_opts = "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
+    domain = "${domain}"
+    certificate = f"/var/lib/acme/{domain}/acme-success"
+    order = f"acme-order-renew-{domain}.service"
+    retry = "nixos-ec2-acme-retry"
+    upgrade = "nixos-upgrade.service"
+
+
+    def unit_property(machine, unit, name):
+        return machine.succeed(f"systemctl show -P {name} {unit}").strip()
+
+
+    def http_status(url, options=""):
+        return client.succeed(f"curl -s -o /dev/null -w '%{{http_code}} %{{redirect_url}}' {options} {url}").strip()
+
 
     start_all()
     server.wait_for_unit("nginx.service")
@@ -49,6 +90,8 @@ pkgs.testers.runNixOSTest {
     server.wait_for_open_port(80)
     server.wait_for_open_port(22)
     server.wait_for_open_port(8080)
+    staging.wait_for_unit("nginx.service")
+    staging.wait_for_open_port(80)
     client.wait_for_unit("multi-user.target")
 
     with subtest("the TODO page is served on /"):
@@ -87,5 +130,84 @@ pkgs.testers.runNixOSTest {
         on_disk = server.succeed("cut -d ' ' -f 1,2 /etc/ssh/ssh_host_ed25519_key.pub").strip()
         offered = client.succeed("ssh-keyscan server 2>/dev/null | cut -d ' ' -f 2,3").split()
         assert " ".join(offered) == on_disk, f"offered {offered}, on disk {on_disk}"
+
+    with subtest("nginx keeps no visitor address on prod; staging (debug logging) does"):
+        client_ip = client.succeed("ip -4 -o addr show dev eth1").split()[3].split("/")[0]
+        for node in ("server", "staging"):
+            # A missing file (log_not_found) and a too large body (level "error"): nginx would
+            # log each with ", client: <address>".
+            assert http_status(f"http://{node}/no-such-page") == "404"
+            assert http_status(f"http://{node}/", "-X POST -H 'Content-Length: 20000000'") == "413"
+        # The same check sees such lines where the level lets them through...
+        staging.wait_until_succeeds(
+            "journalctl -u nginx.service -o cat"
+            + f" | grep 'client intended to send too large body' | grep -qF 'client: {client_ip}'"
+        )
+        staging.fail("journalctl -u nginx.service -o cat | grep -F no-such-page")
+        # ...and finds none on prod.
+        server.succeed("journalctl --sync")
+        journal = server.succeed("journalctl -u nginx.service -o cat")
+        assert "client:" not in journal and client_ip not in journal, journal
+        access = server.succeed("cat /var/log/nginx/access.log")
+        assert "/no-such-page" in access and client_ip not in access, access
+
+    with subtest("a domain that does not resolve here: the order fails with 10, HTTP keeps serving"):
+        staging.wait_until_succeeds(f"systemctl show -P ActiveState {order} | grep -qx failed", timeout=180)
+        assert unit_property(staging, order, "Result") == "exit-code"
+        assert unit_property(staging, order, "ExecMainStatus") == "10"
+        staging.succeed(f"systemctl is-active acme-{domain}.service")
+        staging.fail(f"test -e {certificate}")
+        staging.succeed(f"systemctl is-active {retry}.timer")
+        page = client.succeed("curl -fsS http://staging/")
+        assert "<title>TODO</title>" in page, page
+        assert client.succeed("curl -fsS http://staging/healthz") == "ok\n"
+        assert staging.succeed("curl -fsS http://127.0.0.1/healthz") == "ok\n"
+        # Meanwhile HTTPS offers the self-signed placeholder, which no client trusts.
+        client.fail("curl -fsS https://staging/")
+        assert "<title>TODO</title>" in client.succeed("curl -fsSk https://staging/")
+
+    with subtest("while no certificate exists, the retry unit orders it again"):
+        started = unit_property(staging, order, "ExecMainStartTimestampMonotonic")
+        staging.succeed(f"systemctl start {retry}.service")
+        assert unit_property(staging, f"{retry}.service", "Result") == "success"
+        staging.wait_until_succeeds(
+            f"test \"$(systemctl show -P ExecMainStartTimestampMonotonic {order})\" != {started}"
+        )
+        staging.wait_until_succeeds(f"systemctl show -P ActiveState {order} | grep -qx failed", timeout=180)
+        staging.succeed(f"journalctl -u {retry}.service -o cat | grep -qF 'no certificate for {domain} yet'")
+
+    with subtest("once a certificate exists, plain HTTP redirects to HTTPS and the retries stop"):
+        staging.succeed(f"touch {certificate}")
+        assert http_status("http://staging/") == "301 https://staging/"
+        assert client.succeed("curl -fsS http://staging/healthz") == "ok\n"
+        assert staging.succeed("curl -fsS http://127.0.0.1/healthz") == "ok\n"
+        started = unit_property(staging, order, "ExecMainStartTimestampMonotonic")
+        staging.succeed(f"systemctl start {retry}.service")
+        staging.wait_until_fails(f"systemctl is-active {retry}.timer")
+        assert unit_property(staging, order, "ExecMainStartTimestampMonotonic") == started
+
+    with subtest("the nightly upgrade skips, and succeeds, while a deploy awaits its confirmation"):
+        staging.succeed("mkdir -p /var/lib/nixos-ec2 && echo 'test-deploy 41' > /var/lib/nixos-ec2/pending-rollback")
+        staging.succeed(f"systemctl start {upgrade}")
+        assert unit_property(staging, upgrade, "Result") == "success"
+        staging.succeed(
+            f"journalctl -u {upgrade} -o cat | grep -qF"
+            + " 'a deploy is waiting for its confirmation (/var/lib/nixos-ec2/pending-rollback: test-deploy 41)'"
+        )
+
+    with subtest("the nightly upgrade waits for the lock that a deploy holds"):
+        staging.succeed(
+            "systemd-run --unit=test-deploy-lock ${pkgs.util-linux}/bin/flock /var/lib/nixos-ec2/lock sleep 600"
+        )
+        staging.succeed(f"systemctl start --no-block {upgrade}")
+        staging.wait_until_succeeds(
+            f"journalctl -u {upgrade} -o cat | grep -qF 'holds /var/lib/nixos-ec2/lock; waiting up to 600 s'"
+        )
+        assert unit_property(staging, upgrade, "ActiveState") == "activating"
+        staging.succeed("systemctl stop test-deploy-lock.service")
+        staging.wait_until_succeeds(f"systemctl show -P ActiveState {upgrade} | grep -qx inactive")
+        assert unit_property(staging, upgrade, "Result") == "success"
+        skipped = staging.succeed(f"journalctl -u {upgrade} -o cat | grep -c 'a deploy is waiting for its confirmation'")
+        assert skipped.strip() == "2", skipped
   '';
 }

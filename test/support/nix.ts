@@ -9,6 +9,8 @@ import { readdirSync } from "node:fs";
 import * as path from "node:path";
 
 export const NIX_DIR = path.join(__dirname, "..", "..", "nix");
+/** The part of nixpkgs' lib that the modules call (mkIf, mkOption, ...), in nixpkgs' shapes. */
+export const STAND_IN_LIB = path.join(__dirname, "stand-in-lib.nix");
 
 /** The tools `nix develop` must provide (nixpkgs attribute names). */
 export const DEV_SHELL_TOOLS = ["awscli2", "nixfmt", "nodejs_22", "openssh", "pulumi", "shellcheck"];
@@ -66,6 +68,8 @@ export interface FlakeHost {
     readonly hostFile: string | null;
     /** Its `system.stateVersion`, when that file sets one. */
     readonly stateVersion: string | null;
+    /** What that file sets under nixosEc2. */
+    readonly settings: Record<string, unknown>;
     /** Path modules that do not exist. */
     readonly missingModules: string[];
 }
@@ -89,8 +93,8 @@ export interface FlakeStructure {
     readonly devShells: Record<string, string[]>;
     /** formatter.<system>, as a nixpkgs attribute name. */
     readonly formatters: Record<string, string>;
-    /** checks.<system>.<name>: the NixOS test's name, nodes, and the files its nodes import or disable that do not exist. */
-    readonly checks: Record<string, Record<string, { name: string; nodes: string[]; missingImports: string[] }>>;
+    /** checks.<system>.<name>: the NixOS test's name, nodes, the files its nodes import or disable that do not exist, what each node sets under nixosEc2, and the test script (Python; packages are their attribute names). */
+    readonly checks: Record<string, Record<string, { name: string; nodes: string[]; missingImports: string[]; settings: Record<string, Record<string, unknown>>; testScript: string }>>;
     /** networking.firewall.allowedTCPPorts of modules/firewall.nix. */
     readonly firewallPorts: number[];
     /** modules/*.nix by file name. */
@@ -104,7 +108,7 @@ export interface FlakeStructure {
  * the host list does not depend on real nixpkgs packages.
  */
 const STRUCTURE_EXPRESSION = `
-{ nixDir, devShellTools }:
+{ nixDir, devShellTools, standInLibFile }:
 let
   dir = /. + nixDir;
   flake = import (dir + "/flake.nix");
@@ -112,7 +116,7 @@ let
 
   # A package set whose members are their own names, plus the functions the flake calls.
   fakePkgs = system:
-    builtins.listToAttrs (map (name: { inherit name; value = name; }) (tools ++ [ "nixfmt-tree" ]))
+    builtins.listToAttrs (map (name: { inherit name; value = name; }) (tools ++ [ "nixfmt-tree" "util-linux" ]))
     // {
       inherit system;
       mkShellNoCC = args: args;
@@ -136,8 +140,9 @@ let
     legacyPackages = throw "nixosConfigurations evaluated nixpkgs.legacyPackages";
   };
 
+  # Modules get no configuration and no packages: only their shape is read here.
   callModule = m: if builtins.isFunction m
-    then m { config = { }; lib = { }; pkgs = { }; options = { }; modulesPath = "/modules-path"; }
+    then m { config = { }; lib = import standInLibFile; pkgs = { }; options = { }; modulesPath = "/modules-path"; }
     else m;
   hostOf = name: args:
     let
@@ -149,6 +154,7 @@ let
       system = args.system;
       hostFile = if hostFile == null then null else toString hostFile;
       stateVersion = hostModule.system.stateVersion or null;
+      settings = hostModule.nixosEc2 or { };
       missingModules = map toString (builtins.filter (p: !builtins.pathExists p) paths);
     };
 
@@ -177,6 +183,8 @@ in {
       let m = callModule module;
       in map toString (builtins.filter (p: builtins.isPath p && !builtins.pathExists p)
         ((m.imports or [ ]) ++ (m.disabledModules or [ ])))) test.nodes));
+    settings = builtins.mapAttrs (node: module: (callModule module).nixosEc2 or { }) test.nodes;
+    inherit (test) testScript;
   })) outputs.checks;
   firewallPorts = firewall.networking.firewall.allowedTCPPorts;
   modules = builtins.listToAttrs (map (file: { name = file; value = shapeOf file; }) moduleFiles);
@@ -195,6 +203,9 @@ export async function evalFlakeStructure(nixDir: string = NIX_DIR): Promise<Flak
         "--argstr",
         "devShellTools",
         JSON.stringify(DEV_SHELL_TOOLS),
+        "--argstr",
+        "standInLibFile",
+        STAND_IN_LIB,
         "-E",
         STRUCTURE_EXPRESSION,
     ]);

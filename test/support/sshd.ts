@@ -15,6 +15,7 @@ import * as fs from "node:fs";
 import * as net from "node:net";
 import * as os from "node:os";
 import * as path from "node:path";
+import { sbinTool } from "./tools";
 
 const REPO = path.resolve(__dirname, "..", "..");
 export const DEPLOY_SCRIPT = path.join(REPO, "deploy", "nixos-deploy.sh");
@@ -22,24 +23,12 @@ const HOST_BIN = path.join(REPO, "test", "fixtures", "host-bin");
 const FAKE_SWITCH = path.join(REPO, "test", "fixtures", "fake-system", "switch-to-configuration");
 /** The two halves of a reboot: host-bin/systemctl runs power-off; this module runs firmware-boot. */
 const REBOOT_FIXTURES = ["power-off", "firmware-boot"].map((name) => path.join(REPO, "test", "fixtures", name));
-const SBIN_DIRS = ["/usr/local/sbin", "/usr/sbin", "/sbin"];
 const INITIAL_SYSTEM = "00000000000000000000000000000000-nixos-system-initial";
 const READY_TIMEOUT_MS = 10_000;
 
-/**
- * sshd's absolute path: it lives in an sbin directory, which a non-root user's PATH often lacks
- * (and a test cannot add to PATH: jest sandboxes process.env). "sshd" when it is nowhere, so
- * that describeWithTools reports it missing.
- */
+/** sshd's absolute path (sshd re-executes itself and insists on one), or "sshd" when it is nowhere. */
 export function sshdCommand(): string {
-    for (const dir of (process.env.PATH ?? "").split(":").concat(SBIN_DIRS)) {
-        const candidate = path.join(dir, "sshd");
-        if (dir !== "" && fs.existsSync(candidate)) {
-            // sshd re-executes itself and insists on an absolute path.
-            return path.resolve(candidate);
-        }
-    }
-    return "sshd";
+    return sbinTool("sshd");
 }
 
 /** A TCP port on 127.0.0.1 that nothing listens on (it was free a moment ago). */
