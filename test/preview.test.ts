@@ -10,7 +10,7 @@
  *   UPDATE_GOLDEN=1 npx jest test/preview.test.ts
  */
 import { spawnSync } from "node:child_process";
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readFileSync, realpathSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import * as path from "node:path";
 import { ConfigError } from "../lib/config";
@@ -381,7 +381,8 @@ describe("what the preview loads", () => {
                 return (JSON.parse(readFileSync(path.join(dir, file), "utf8")) as { sdkModules: string[] }).sdkModules;
             };
             const loaded = probe([...previewNodeArgs(), "staging"], "preview.json");
-            const rel = loaded.map((f) => path.relative(path.join(PROJECT_DIR, "node_modules"), f));
+            // Node records modules by their real path: node_modules may be a symlink (a git worktree's).
+            const rel = loaded.map((f) => path.relative(realpathSync(path.join(PROJECT_DIR, "node_modules")), f));
             expect(rel).toContain(path.join("@pulumi", "pulumi", "index.js"));
             expect(rel).toContain(path.join("@pulumi", "aws", "ec2", "instance.js"));
             expect(rel).not.toContain(path.join("@pulumi", "aws", "index.js"));
