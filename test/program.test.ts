@@ -58,7 +58,7 @@ describe("a bad configuration", () => {
         await jest.isolateModulesAsync(async () => {
             const { runOffline } = await import("../lib/offline");
             const config = loadStackConfig("prod", overrides);
-            error = await runOffline({ stack: "prod", config, onResource: (r) => registered.push(r.name) }).then(
+            error = await runOffline({ stack: "prod", config, onResource: (r) => registered.push(r.name), onWarning: () => undefined }).then(
                 () => undefined,
                 (e: unknown) => e,
             );
