@@ -8,7 +8,7 @@
  */
 import { closest, distance } from "fastest-levenshtein";
 import { z } from "zod";
-import { networkList, wholeInternetCovered } from "./cidr";
+import { documentationRangeOf, networkList, wholeInternetCovered } from "./cidr";
 import { cut, declare, KeyDeclaration, optionalId, readKey, show, trueOrFalse, wholeNumber } from "./configSchema";
 import { NetworkFile } from "./network";
 
@@ -237,7 +237,10 @@ export interface Settings extends Pick<Values, "nixosRelease" | "ami" | "elastic
     readonly publicTcpPorts: number[];
     readonly hosts: HostSettings[];
     readonly deploy: DeploySettings;
-    /** Config that is not wrong but probably not meant (a key in a misspelt namespace). */
+    /**
+     * Config that is not wrong but probably not meant: a key in a misspelt namespace, an SSH CIDR
+     * from the documentation ranges.
+     */
     readonly warnings: string[];
 }
 
@@ -379,6 +382,33 @@ const RULES: Rule[] = [
     }),
 ];
 
+/**
+ * Rules whose findings are warnings: the configuration works (the offline preview runs), but not as
+ * meant. Checked once every key is valid.
+ */
+const WARNING_RULES: Rule[] = [
+    rule(["sshAllowedCidrs", "deployConnectTimeoutSeconds"], function sshFromDocumentationRanges({ sshAllowedCidrs, deployConnectTimeoutSeconds }) {
+        const examples = sshAllowedCidrs.flatMap((n, i) => {
+            const range = documentationRangeOf(n);
+            return range ? [{ i, n, range }] : [];
+        });
+        const warnings = examples.map(({ i, n, range }) => {
+            const where = n.cidr === range.cidr ? "is" : `is in ${range.cidr},`;
+            return (
+                `${key("sshAllowedCidrs")}[${i}]: ${show(n.text)} ${where} an address range reserved for documentation (${range.rfc}); ` +
+                `no admin connects from it, so it lets no one in. Replace it with the networks you administer from.`
+            );
+        });
+        if (examples.length === sshAllowedCidrs.length) {
+            warnings.push(
+                `${key("sshAllowedCidrs")}: every entry is in a documentation range, so SSH is open to no one: a real pulumi up would wait ` +
+                    `${key("deployConnectTimeoutSeconds")} (${deployConnectTimeoutSeconds} s) for each host's SSH and then fail its deploy.`,
+            );
+        }
+        return warnings;
+    }),
+];
+
 function stackProblems(stack: string, region: string | undefined): string[] {
     const problems: string[] = [];
     if (!STACK_NAME.test(stack)) {
@@ -421,6 +451,7 @@ export function parseSettings(stack: string, config: FullConfig, network: Networ
     const values = readValues(stack, config, problems);
     for (const rule of RULES) problems.push(...rule(values, stack, network));
     if (problems.length > 0) throw new ConfigError(stack, problems);
+    for (const rule of WARNING_RULES) warnings.push(...rule(values, stack, network));
 
     const v = values as Values;
     return {

@@ -10,7 +10,8 @@ import { loadStackConfig, StackFileError } from "../lib/stacks";
 const goodNetwork: NetworkFile = { publicTcpPorts: [80, 443], problems: [] };
 /** Bare project keys to config strings; `aws:region` and other namespaces as they are. */
 type RawConfig = Record<string, string>;
-const base: RawConfig = { sshAllowedCidrs: '["203.0.113.0/24"]' };
+/** A network an admin can connect from (a VPN's): not one of the documentation ranges, which warn. */
+const base: RawConfig = { sshAllowedCidrs: '["192.168.10.0/24"]' };
 
 /** The config as Pulumi hands it to the program: full keys, with `aws:region`. */
 function fullConfig(raw: RawConfig, region: string): Record<string, string> {
@@ -48,7 +49,7 @@ describe("parseSettings", () => {
         expect(s).toEqual({
             stack: "staging",
             region: "eu-central-1",
-            sshAllowedCidrs: ["203.0.113.0/24"],
+            sshAllowedCidrs: ["192.168.10.0/24"],
             nixosRelease: "26.05",
             ami: undefined,
             elasticIp: false,
@@ -315,6 +316,43 @@ describe("values and messages", () => {
             'nixos_ec2:rootVolumGiB: ignored, because "nixos_ec2" is not this project\'s namespace; did you mean nixos-ec2:rootVolumeGiB?',
             'nixos-ec:hosts: ignored, because "nixos-ec" is not this project\'s namespace; did you mean nixos-ec2:hosts?',
         ]);
+    });
+});
+
+describe("SSH CIDRs from the documentation ranges", () => {
+    const warningsOf = (cidrs: string[], raw: RawConfig = {}) => settingsOf("prod", { sshAllowedCidrs: JSON.stringify(cidrs), ...raw }).warnings;
+    const entry = (i: number, text: string, where: string, rfc: string) =>
+        `nixos-ec2:sshAllowedCidrs[${i}]: "${text}" ${where} an address range reserved for documentation (${rfc}); ` +
+        "no admin connects from it, so it lets no one in. Replace it with the networks you administer from.";
+    const nobody = (seconds: number) =>
+        "nixos-ec2:sshAllowedCidrs: every entry is in a documentation range, so SSH is open to no one: a real pulumi up would wait " +
+        `nixos-ec2:deployConnectTimeoutSeconds (${seconds} s) for each host's SSH and then fail its deploy.`;
+
+    it("are accepted with a warning per entry, and one more when no entry is a real network", () => {
+        expect(warningsOf(["203.0.113.0/24", "2001:db8::/32"])).toEqual([entry(0, "203.0.113.0/24", "is", "RFC 5737"), entry(1, "2001:db8::/32", "is", "RFC 3849"), nobody(600)]);
+        expect(warningsOf(["192.0.2.0/24", "198.51.100.0/24", "3fff:0::/20"], { deployConnectTimeoutSeconds: "30" })).toEqual([
+            entry(0, "192.0.2.0/24", "is", "RFC 5737"),
+            entry(1, "198.51.100.0/24", "is", "RFC 5737"),
+            entry(2, "3fff:0::/20", "is", "RFC 9637"),
+            nobody(30),
+        ]);
+    });
+
+    it("name the range an entry lies in, and say nothing more when another entry is a real network", () => {
+        expect(warningsOf(["81.2.69.0/24", "203.0.113.7/32", "2001:db8:1::/48"])).toEqual([
+            entry(1, "203.0.113.7/32", "is in 203.0.113.0/24,", "RFC 5737"),
+            entry(2, "2001:db8:1::/48", "is in 2001:db8::/32,", "RFC 3849"),
+        ]);
+    });
+
+    it("are not networks that only overlap one, nor IPv6 networks with the same numbers as an IPv4 one", () => {
+        // ::c000:200/120 holds the same 128-bit numbers as ::192.0.2.0, but is IPv6.
+        expect(warningsOf(["192.0.0.0/16", "2001:d00::/24", "::c000:200/120", "203.0.112.0/23"])).toEqual([]);
+        expect(settingsOf("staging", base).warnings).toEqual([]);
+    });
+
+    it("are never errors: a configuration with one reports only its real problems", () => {
+        expect(problemsOf("prod", { sshAllowedCidrs: '["203.0.113.0/24"]', rootVolumeGiB: "4" })).toEqual([expect.stringMatching(/^nixos-ec2:rootVolumeGiB: "4" is not allowed/)]);
     });
 });
 
