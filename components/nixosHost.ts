@@ -34,6 +34,7 @@ export interface NixosHostArgs {
     readonly hostPublicKey: pulumi.Input<string>;
     /** Give the host an Elastic IP. */
     readonly elasticIp: boolean;
+    /** EC2 termination protection, against terminations from outside this stack. */
     readonly terminationProtection: boolean;
     /** Tags of the instance, its volume and its Elastic IP. */
     readonly tags: pulumi.Input<Record<string, pulumi.Input<string>>>;
@@ -112,6 +113,12 @@ export class NixosHost extends pulumi.ComponentResource {
                 rootBlockDevice: { volumeType: ROOT_VOLUME_TYPE, volumeSize: args.rootVolumeGiB, encrypted: true, deleteOnTermination: true },
                 monitoring: true,
                 disableApiTermination: args.terminationProtection,
+                // Termination protection blocks the console, the AWS CLI and other tools; this stack
+                // may still delete its own instance, or a re-image would stop after the new host is
+                // up. The provider reads forceDestroy from state at delete, so it is set with the
+                // protection from the instance's first `pulumi up` (@pulumi/aws ec2/instance.d.ts,
+                // forceDestroy; terraform-provider-aws #43722).
+                ...(args.terminationProtection ? { forceDestroy: true } : {}),
                 userData: pulumi.secret(
                     pulumi.all([args.hostPrivateKey, args.hostPublicKey]).apply(([key, pub]) => hostKeyUserData(key, pub)),
                 ),

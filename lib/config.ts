@@ -142,7 +142,9 @@ export const KEYS = {
         default: false,
         stackDefaults: { [PRODUCTION_STACK]: true },
         allowed: "true or false",
-        description: "Turn on EC2 termination protection for every host.",
+        description:
+            "Turn on EC2 termination protection for every host: the console, the AWS CLI and other tools cannot terminate it. " +
+            "This stack still can (a re-image, pulumi destroy): the instance also gets forceDestroy.",
         schema: trueOrFalse,
     }),
     vpcId: declare({

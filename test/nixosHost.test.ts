@@ -33,6 +33,8 @@ describe("NixosHost", () => {
         });
         expect(instance.dependencies).toEqual(expect.arrayContaining([sg.urn, keyPair.urn]));
         expect(instance.ignoreChanges).toEqual(["ami"]);
+        // Without termination protection there is no forceDestroy either: the inputs above are all.
+        expect(instance.inputs).not.toHaveProperty("forceDestroy");
     });
 
     it("looks the image up by the official owner, the release's name pattern and the architecture", () => {
@@ -88,7 +90,9 @@ describe("NixosHost", () => {
     });
 
     it("gives prod an Elastic IP and termination protection, and staging neither", () => {
-        expect(resource(prod, INSTANCE, "prod-instance").inputs.disableApiTermination).toBe(true);
+        // Termination protection stops the console and the AWS CLI; forceDestroy lets this stack
+        // still delete the instance when it re-images it (README, "Moving a host to a newer NixOS image").
+        expect(resource(prod, INSTANCE, "prod-instance").inputs).toMatchObject({ disableApiTermination: true, forceDestroy: true });
         const eip = resource(prod, "aws:ec2/eip:Eip", "prod-eip");
         expect(eip.inputs).toEqual({ domain: "vpc", instance: expect.any(String), tags: { Project: "nixos-ec2", Stack: "prod" } });
         expect(eip.dependencies).toContain(resource(prod, INSTANCE, "prod-instance").urn);
