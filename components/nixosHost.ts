@@ -19,6 +19,8 @@ export interface NixosHostArgs {
     readonly rootVolumeGiB: pulumi.Input<number>;
     /** Architecture of the image to look up; follows the instance type. */
     readonly architecture: Architecture;
+    /** Which instance of the host this is; another value replaces it from the current image. */
+    readonly imageGeneration: number;
     /** NixOS release whose newest official image boots the host, e.g. "26.05". */
     readonly nixosRelease: string;
     /** A pinned AMI ID, used as given instead of the lookup. */
@@ -55,6 +57,21 @@ export function amiNamePattern(release: string): string {
 }
 
 /**
+ * The instance's resource name, and so its URN. It carries what an instance cannot change in place:
+ * the image (`ignoreChanges: ["ami"]` keeps a running host on the image it booted) and the
+ * architecture (an x86_64 image cannot boot on Graviton). A new name has no state, so Pulumi creates
+ * a new instance from the current lookup and deletes the old one; the same name under `--replace`
+ * would get the AMI recorded in state (pulumi/pulumi pkg/resource/deploy/step_generator.go,
+ * processIgnoreChanges, resets ignored inputs to the old ones whenever an old state exists). The
+ * defaults, x86_64 and generation 0, keep the name hosts had before, so they are not replaced.
+ */
+export function instanceResourceName(name: string, architecture: Architecture, imageGeneration: number): string {
+    const arch = architecture === "arm64" ? "-arm64" : "";
+    const generation = imageGeneration === 0 ? "" : `-gen${imageGeneration}`;
+    return `${name}-instance${arch}${generation}`;
+}
+
+/**
  * A shell command that logs in to a host as the admin, trusting only its pinned host key.
  * OpenSSH closes inherited descriptors at start-up, so `-i <(...)` cannot pass the key: it goes to
  * a 0600 temporary file that the subshell's trap removes, and `KnownHostsCommand` (OpenSSH 8.5+)
@@ -82,7 +99,9 @@ export class NixosHost extends pulumi.ComponentResource {
     public readonly sshCommand: pulumi.Output<string>;
 
     constructor(name: string, args: NixosHostArgs, opts?: pulumi.ComponentResourceOptions) {
-        super("nixos-ec2:index:NixosHost", name, args, opts);
+        // imageGeneration 0 is left out of the component's recorded inputs, so that hosts from before
+        // the setting existed preview without a change.
+        super("nixos-ec2:index:NixosHost", name, { ...args, imageGeneration: args.imageGeneration || undefined }, opts);
 
         this.amiId =
             args.ami !== undefined
@@ -101,7 +120,7 @@ export class NixosHost extends pulumi.ComponentResource {
 
         const instanceTags = pulumi.output(args.tags).apply((t) => ({ ...t, Name: `${args.stack}-${args.hostName}` }));
         const instance = new Instance(
-            `${name}-instance`,
+            instanceResourceName(name, args.architecture, args.imageGeneration),
             {
                 ami: this.amiId,
                 instanceType: args.instanceType,
@@ -125,7 +144,8 @@ export class NixosHost extends pulumi.ComponentResource {
                 tags: instanceTags,
                 volumeTags: instanceTags,
             },
-            // A newer image must never replace a running host: NixOS upgrades in place through the flake.
+            // A newer image must never replace a running host: NixOS upgrades in place through the
+            // flake. A re-image is a new resource name (instanceResourceName), never an alias.
             { parent: this, ignoreChanges: ["ami"] },
         );
 

@@ -62,6 +62,7 @@ const instanceType = declare({
     allowed: "an EC2 instance type: family, generation, attributes, size (e.g. t3.small, t4g.medium, c7g.large)",
     description:
         "EC2 instance type of every host. Graviton types (t4g, c7g, m7g, a1, ...) boot the arm64 image and build aarch64-linux; others boot x86_64. " +
+        "Moving a host between the two replaces it with a new instance (an instance cannot change architecture). " +
         "1 GiB types (t3.micro) are OOM-killed while evaluating nixpkgs.",
     schema: (bad) =>
         z
@@ -81,13 +82,27 @@ const rootVolumeGiB = declare({
 
 const flakeAttr = declare({
     type: "string",
+    defaultDescription: "the host name",
     allowed: `a Nix attribute name matching ${FLAKE_ATTR_PATTERN} (letters, digits, _ and -)`,
     description: "The host's nixosConfigurations entry in nix/flake.nix; the host name by default.",
     schema: (bad) => z.string(bad("is not a Nix attribute name")).regex(new RegExp(FLAKE_ATTR_PATTERN), bad("is not a Nix attribute name")),
 });
 
+/** The largest imageGeneration: a host is re-imaged by hand, not thousands of times. */
+export const MAX_IMAGE_GENERATION = 9999;
+
+const imageGeneration = declare({
+    type: "integer",
+    default: 0,
+    allowed: `a whole number from 0 to ${MAX_IMAGE_GENERATION}`,
+    description:
+        "Change it (e.g. from 0 to 1) to replace this host on the next pulumi up with a new instance booted from the image the lookup finds then (or ami): " +
+        "a fresh root disk; the host key, Elastic IP and flake deploy carry over. Otherwise a running host never changes image.",
+    schema: (bad) => wholeNumber(bad, 0, MAX_IMAGE_GENERATION),
+});
+
 /** What `hosts.<name>` may set: some stack-wide keys for one host, and the host's own. */
-export const HOST_KEYS = { instanceType, rootVolumeGiB, flakeAttr } satisfies Record<string, KeyDeclaration>;
+export const HOST_KEYS = { instanceType, rootVolumeGiB, flakeAttr, imageGeneration } satisfies Record<string, KeyDeclaration>;
 
 /** The stack-wide keys, in the order of the README's table. */
 export const KEYS = {
@@ -120,7 +135,7 @@ export const KEYS = {
         default: {},
         allowed: 'a map of host names ([a-z][a-z0-9-]{0,30}) to overrides, e.g. {"web": {}, "build": {"instanceType": "c7g.xlarge"}}',
         description:
-            "The hosts of the stack, each with overrides of the keys marked per host and its flakeAttr. Empty ({}) means one host named after the stack.",
+            "The hosts of the stack, each with overrides of the keys marked per host, its flakeAttr and its imageGeneration. Empty ({}) means one host named after the stack.",
         schema: (bad) =>
             z.record(z.string().regex(HOST_NAME), hostOverrides(), {
                 error: (issue) =>
@@ -218,6 +233,8 @@ export interface HostSettings {
     readonly rootVolumeGiB: Values["rootVolumeGiB"];
     /** AMI architecture, from the instance type. */
     readonly architecture: Architecture;
+    /** Which instance of the host this is: a new value is a new instance from the current image. */
+    readonly imageGeneration: z.output<typeof imageGeneration.schema>;
     /** Nix system double, from the instance type. */
     readonly nixSystem: NixSystem;
 }
@@ -437,6 +454,7 @@ function hostsOf(stack: string, v: Values): HostSettings[] {
             rootVolumeGiB: overrides.rootVolumeGiB ?? v.rootVolumeGiB,
             architecture,
             nixSystem: nixSystemOf(architecture),
+            imageGeneration: overrides.imageGeneration ?? Number(imageGeneration.default),
         };
     });
 }

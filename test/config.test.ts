@@ -58,7 +58,7 @@ describe("parseSettings", () => {
             subnetId: undefined,
             publicTcpPorts: [80, 443],
             hosts: [
-                { name: "staging", flakeAttr: "staging", instanceType: "t3.small", rootVolumeGiB: 20, architecture: "x86_64", nixSystem: "x86_64-linux" },
+                { name: "staging", flakeAttr: "staging", instanceType: "t3.small", rootVolumeGiB: 20, architecture: "x86_64", nixSystem: "x86_64-linux", imageGeneration: 0 },
             ],
             deploy: { connectTimeoutSeconds: 600, buildTimeoutSeconds: 3600, activationTimeoutSeconds: 90, rollbackTimeoutSeconds: 120, allowFailedUnits: false },
             warnings: [],
@@ -72,12 +72,12 @@ describe("parseSettings", () => {
                 ...base,
                 instanceType: "t3.medium",
                 rootVolumeGiB: "30",
-                hosts: JSON.stringify({ web: {}, build: { instanceType: "c7g.xlarge", rootVolumeGiB: 100, flakeAttr: "builder" } }),
+                hosts: JSON.stringify({ web: {}, build: { instanceType: "c7g.xlarge", rootVolumeGiB: 100, flakeAttr: "builder", imageGeneration: 3 } }),
             },
         );
         expect(s.hosts).toEqual([
-            { name: "web", flakeAttr: "web", instanceType: "t3.medium", rootVolumeGiB: 30, architecture: "x86_64", nixSystem: "x86_64-linux" },
-            { name: "build", flakeAttr: "builder", instanceType: "c7g.xlarge", rootVolumeGiB: 100, architecture: "arm64", nixSystem: "aarch64-linux" },
+            { name: "web", flakeAttr: "web", instanceType: "t3.medium", rootVolumeGiB: 30, architecture: "x86_64", nixSystem: "x86_64-linux", imageGeneration: 0 },
+            { name: "build", flakeAttr: "builder", instanceType: "c7g.xlarge", rootVolumeGiB: 100, architecture: "arm64", nixSystem: "aarch64-linux", imageGeneration: 3 },
         ]);
     });
 
@@ -115,7 +115,7 @@ describe("parseSettings", () => {
         ["a host map that is not JSON", "staging", { ...base, hosts: "web" }, /^nixos-ec2:hosts: web is not valid JSON: an unexpected character at line 1 column 1; allowed: a map/],
         ["an empty host map on a stack not named like a host", "1staging", { ...base, hosts: "{}" }, /^nixos-ec2:hosts: \{\} \(the default\) names no host, and the stack name "1staging" is not a host name/],
         ["a host whose overrides are not an object", "staging", { ...base, hosts: '{"web": "big"}' }, /^nixos-ec2:hosts\.web: "big" is not an object/],
-        ["an unknown host setting", "staging", { ...base, hosts: '{"web": {"size": "big"}}' }, /^nixos-ec2:hosts\.web\.size: unknown host setting; allowed: instanceType, rootVolumeGiB, flakeAttr$/],
+        ["an unknown host setting", "staging", { ...base, hosts: '{"web": {"size": "big"}}' }, /^nixos-ec2:hosts\.web\.size: unknown host setting; allowed: instanceType, rootVolumeGiB, flakeAttr, imageGeneration$/],
         ["a bad flake attribute", "staging", { ...base, hosts: '{"web": {"flakeAttr": "a.b"}}' }, /^nixos-ec2:hosts\.web\.flakeAttr: "a\.b" is not a Nix attribute name/],
         ["a host with a bad instance type", "staging", { ...base, hosts: '{"web": {"instanceType": "huge"}}' }, /^nixos-ec2:hosts\.web\.instanceType: "huge" is not an EC2 instance type/],
         ["a boolean that is not true/false", "staging", { ...base, elasticIp: "yes" }, /^nixos-ec2:elasticIp: "yes" is not allowed; allowed: true or false$/],
@@ -160,9 +160,14 @@ describe("parseSettings", () => {
         ["a host map with a __proto__ key", "staging", { ...base, hosts: '{"web": {}, "__proto__": {"instanceType": "zz"}}' }, /^nixos-ec2:hosts: .* has the key "__proto__" \(at line 1 column 13\), which is not allowed/],
         ["a Mac instance type", "staging", { ...base, instanceType: "mac2.metal" }, /^nixos-ec2:instanceType: "mac2\.metal" is a Mac instance type, which runs macOS only/],
         ["a pinned AMI for hosts of two architectures", "staging", { ...base, ami: "ami-0123456789abcdef0", hosts: '{"web": {}, "arm": {"instanceType": "t4g.small"}}' }, /^nixos-ec2:ami: "ami-0123456789abcdef0" is one image for hosts of two architectures \(t3\.small, t4g\.small\)/],
+        ["a negative image generation", "staging", { ...base, hosts: '{"web": {"imageGeneration": -1}}' }, /^nixos-ec2:hosts\.web\.imageGeneration: -1 is not allowed; allowed: a whole number from 0 to 9999$/],
+        ["an image generation above 9999", "staging", { ...base, hosts: '{"web": {"imageGeneration": 10000}}' }, /^nixos-ec2:hosts\.web\.imageGeneration: 10000 is not allowed; allowed: a whole number from 0 to 9999$/],
+        ["a fractional image generation", "staging", { ...base, hosts: '{"web": {"imageGeneration": 1.5}}' }, /^nixos-ec2:hosts\.web\.imageGeneration: 1\.5 is not allowed/],
+        ["an image generation that is a word", "staging", { ...base, hosts: '{"web": {"imageGeneration": "next"}}' }, /^nixos-ec2:hosts\.web\.imageGeneration: "next" is not allowed; allowed: a whole number from 0 to 9999$/],
+        ["an image generation for the whole stack (it is per host)", "staging", { ...base, imageGeneration: "1" }, /^nixos-ec2:imageGeneration: unknown key; the project's keys are /],
         ["a volume of 1e400", "staging", { ...base, hosts: '{"web": {"rootVolumeGiB": 1e400}}' }, /^nixos-ec2:hosts\.web\.rootVolumeGiB: Infinity is not allowed/],
         ["a huge unknown key", "staging", { ...base, ["k".repeat(3000)]: "x" }, /^nixos-ec2:k{70}… \(3010 characters\): unknown key/],
-        ["a host override of a key that is not per host", "staging", { ...base, hosts: '{"web": {"elasticIp": true}}' }, /^nixos-ec2:hosts\.web\.elasticIp: unknown host setting; allowed: instanceType, rootVolumeGiB, flakeAttr$/],
+        ["a host override of a key that is not per host", "staging", { ...base, hosts: '{"web": {"elasticIp": true}}' }, /^nixos-ec2:hosts\.web\.elasticIp: unknown host setting; allowed: instanceType, rootVolumeGiB, flakeAttr, imageGeneration$/],
     ];
 
     it.each(badConfigs)("rejects %s", (_what, stack, raw, message) => {

@@ -247,7 +247,8 @@ describe("--config overrides", () => {
         );
         expect(report.overrides).toEqual(["aws:region", "nixos-ec2:elasticIp", "nixos-ec2:hosts", "nixos-ec2:instanceType"]);
         expect(node(report, "aws:ec2/instance:Instance", "web-instance").inputs).toMatchObject({ instanceType: "t3.large", rootBlockDevice: { volumeSize: 20 } });
-        expect(node(report, "aws:ec2/instance:Instance", "db-instance").inputs).toMatchObject({
+        // A Graviton host's instance name carries its architecture: moving it to x86_64 or back is a new instance.
+        expect(node(report, "aws:ec2/instance:Instance", "db-instance-arm64").inputs).toMatchObject({
             instanceType: "t4g.medium",
             rootBlockDevice: { volumeSize: 50 },
             ami: "<looked up at deploy: newest AMI of owner 427812963091 named nixos/26.05* for arm64>",
