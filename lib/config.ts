@@ -89,7 +89,7 @@ const flakeAttr = declare({
 });
 
 /** The largest imageGeneration: a host is re-imaged by hand, not thousands of times. */
-export const MAX_IMAGE_GENERATION = 9999;
+const MAX_IMAGE_GENERATION = 9999;
 
 const imageGeneration = declare({
     type: "integer",
