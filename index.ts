@@ -29,6 +29,7 @@ const fleet = settings.hosts.map((host) => {
         instanceType: host.instanceType,
         rootVolumeGiB: host.rootVolumeGiB,
         architecture: host.architecture,
+        imageGeneration: host.imageGeneration,
         nixosRelease: settings.nixosRelease,
         ami: settings.ami,
         securityGroupId: firewall.securityGroupId,

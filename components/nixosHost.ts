@@ -19,6 +19,8 @@ export interface NixosHostArgs {
     readonly rootVolumeGiB: pulumi.Input<number>;
     /** Architecture of the image to look up; follows the instance type. */
     readonly architecture: Architecture;
+    /** Which instance of the host this is; another value replaces it from the current image. */
+    readonly imageGeneration: number;
     /** NixOS release whose newest official image boots the host, e.g. "26.05". */
     readonly nixosRelease: string;
     /** A pinned AMI ID, used as given instead of the lookup. */
@@ -34,6 +36,7 @@ export interface NixosHostArgs {
     readonly hostPublicKey: pulumi.Input<string>;
     /** Give the host an Elastic IP. */
     readonly elasticIp: boolean;
+    /** EC2 termination protection, against terminations from outside this stack. */
     readonly terminationProtection: boolean;
     /** Tags of the instance, its volume and its Elastic IP. */
     readonly tags: pulumi.Input<Record<string, pulumi.Input<string>>>;
@@ -51,6 +54,21 @@ export function hostKeyUserData(privateKey: string, publicKey: string): string {
 /** The name filter of the official images of a release (`nixos/26.05.<rev>-x86_64-linux`). */
 export function amiNamePattern(release: string): string {
     return `nixos/${release}*`;
+}
+
+/**
+ * The instance's resource name, and so its URN. It carries what an instance cannot change in place:
+ * the image (`ignoreChanges: ["ami"]` keeps a running host on the image it booted) and the
+ * architecture (an x86_64 image cannot boot on Graviton). A new name has no state, so Pulumi creates
+ * a new instance from the current lookup and deletes the old one; the same name under `--replace`
+ * would get the AMI recorded in state (pulumi/pulumi pkg/resource/deploy/step_generator.go,
+ * processIgnoreChanges, resets ignored inputs to the old ones whenever an old state exists). The
+ * defaults, x86_64 and generation 0, keep the name hosts had before, so they are not replaced.
+ */
+export function instanceResourceName(name: string, architecture: Architecture, imageGeneration: number): string {
+    const arch = architecture === "arm64" ? "-arm64" : "";
+    const generation = imageGeneration === 0 ? "" : `-gen${imageGeneration}`;
+    return `${name}-instance${arch}${generation}`;
 }
 
 /**
@@ -81,7 +99,9 @@ export class NixosHost extends pulumi.ComponentResource {
     public readonly sshCommand: pulumi.Output<string>;
 
     constructor(name: string, args: NixosHostArgs, opts?: pulumi.ComponentResourceOptions) {
-        super("nixos-ec2:index:NixosHost", name, args, opts);
+        // imageGeneration 0 is left out of the component's recorded inputs, so that hosts from before
+        // the setting existed preview without a change.
+        super("nixos-ec2:index:NixosHost", name, { ...args, imageGeneration: args.imageGeneration || undefined }, opts);
 
         this.amiId =
             args.ami !== undefined
@@ -100,7 +120,7 @@ export class NixosHost extends pulumi.ComponentResource {
 
         const instanceTags = pulumi.output(args.tags).apply((t) => ({ ...t, Name: `${args.stack}-${args.hostName}` }));
         const instance = new Instance(
-            `${name}-instance`,
+            instanceResourceName(name, args.architecture, args.imageGeneration),
             {
                 ami: this.amiId,
                 instanceType: args.instanceType,
@@ -112,13 +132,20 @@ export class NixosHost extends pulumi.ComponentResource {
                 rootBlockDevice: { volumeType: ROOT_VOLUME_TYPE, volumeSize: args.rootVolumeGiB, encrypted: true, deleteOnTermination: true },
                 monitoring: true,
                 disableApiTermination: args.terminationProtection,
+                // Termination protection blocks the console, the AWS CLI and other tools; this stack
+                // may still delete its own instance, or a re-image would stop after the new host is
+                // up. The provider reads forceDestroy from state at delete, so it is set with the
+                // protection from the instance's first `pulumi up` (@pulumi/aws ec2/instance.d.ts,
+                // forceDestroy; terraform-provider-aws #43722).
+                ...(args.terminationProtection ? { forceDestroy: true } : {}),
                 userData: pulumi.secret(
                     pulumi.all([args.hostPrivateKey, args.hostPublicKey]).apply(([key, pub]) => hostKeyUserData(key, pub)),
                 ),
                 tags: instanceTags,
                 volumeTags: instanceTags,
             },
-            // A newer image must never replace a running host: NixOS upgrades in place through the flake.
+            // A newer image must never replace a running host: NixOS upgrades in place through the
+            // flake. A re-image is a new resource name (instanceResourceName), never an alias.
             { parent: this, ignoreChanges: ["ami"] },
         );
 

@@ -54,6 +54,18 @@ function toBigInt(bytes: number[]): bigint {
 }
 
 /**
+ * The ranges reserved for documentation and examples (RFC 5737 for IPv4, RFC 3849 and RFC 9637
+ * for IPv6), which no host is ever given: an admin cannot connect from them.
+ */
+export const DOCUMENTATION_RANGES: ReadonlyArray<{ readonly cidr: string; readonly rfc: string }> = [
+    { cidr: "192.0.2.0/24", rfc: "RFC 5737" },
+    { cidr: "198.51.100.0/24", rfc: "RFC 5737" },
+    { cidr: "203.0.113.0/24", rfc: "RFC 5737" },
+    { cidr: "2001:db8::/32", rfc: "RFC 3849" },
+    { cidr: "3fff::/20", rfc: "RFC 9637" },
+];
+
+/**
  * Address space that no host on the internet connects from (RFC 6890 special-purpose ranges:
  * "this network", private, shared, loopback, link-local, documentation, benchmarking, multicast,
  * reserved). A set of entries that covers everything else opens SSH to the whole internet as
@@ -67,13 +79,11 @@ const NOT_INTERNET_V4 = [
     "169.254.0.0/16",
     "172.16.0.0/12",
     "192.0.0.0/24",
-    "192.0.2.0/24",
     "192.88.99.0/24",
     "192.168.0.0/16",
     "198.18.0.0/15",
-    "198.51.100.0/24",
-    "203.0.113.0/24",
     "224.0.0.0/3",
+    ...DOCUMENTATION_RANGES.map((r) => r.cidr).filter((c) => !c.includes(":")),
 ];
 const INTERNET_V6 = ["2000::/3"];
 
@@ -110,6 +120,14 @@ function covers(ranges: readonly Range[], [from, to]: Range): boolean {
         if (next > to) return true;
     }
     return next > to;
+}
+
+/** The documentation range that holds all of `network`, if one does. */
+export function documentationRangeOf(network: Network): { readonly cidr: string; readonly rfc: string } | undefined {
+    return DOCUMENTATION_RANGES.find((range) => {
+        const { family, first, last } = parseNetwork(range.cidr) as Network;
+        return family === network.family && network.first >= first && network.last <= last;
+    });
 }
 
 /** The families (4, 6) whose whole internet (every public address) the networks cover together. */

@@ -8,7 +8,7 @@
  */
 import { closest, distance } from "fastest-levenshtein";
 import { z } from "zod";
-import { networkList, wholeInternetCovered } from "./cidr";
+import { documentationRangeOf, networkList, wholeInternetCovered } from "./cidr";
 import { cut, declare, KeyDeclaration, optionalId, readKey, show, trueOrFalse, wholeNumber } from "./configSchema";
 import { NetworkFile } from "./network";
 
@@ -62,6 +62,7 @@ const instanceType = declare({
     allowed: "an EC2 instance type: family, generation, attributes, size (e.g. t3.small, t4g.medium, c7g.large)",
     description:
         "EC2 instance type of every host. Graviton types (t4g, c7g, m7g, a1, ...) boot the arm64 image and build aarch64-linux; others boot x86_64. " +
+        "Moving a host between the two replaces it with a new instance (an instance cannot change architecture). " +
         "1 GiB types (t3.micro) are OOM-killed while evaluating nixpkgs.",
     schema: (bad) =>
         z
@@ -81,6 +82,7 @@ const rootVolumeGiB = declare({
 
 const flakeAttr = declare({
     type: "string",
+    defaultDescription: "the host name",
     allowed: `a Nix attribute name matching ${FLAKE_ATTR_PATTERN} (letters, digits, _ and -)`,
     description: "The host's nixosConfigurations entry in nix/flake.nix; the host name by default.",
     schema: (bad) => z.string(bad("is not a Nix attribute name")).regex(new RegExp(FLAKE_ATTR_PATTERN), bad("is not a Nix attribute name")),
@@ -100,8 +102,21 @@ const rebootPolicy = declare({
     schema: (bad) => z.enum(REBOOT_POLICIES, bad("is not a reboot policy")),
 });
 
+/** The largest imageGeneration: a host is re-imaged by hand, not thousands of times. */
+const MAX_IMAGE_GENERATION = 9999;
+
+const imageGeneration = declare({
+    type: "integer",
+    default: 0,
+    allowed: `a whole number from 0 to ${MAX_IMAGE_GENERATION}`,
+    description:
+        "Change it (e.g. from 0 to 1) to replace this host on the next pulumi up with a new instance booted from the image the lookup finds then (or ami): " +
+        "a fresh root disk; the host key, Elastic IP and flake deploy carry over. Otherwise a running host never changes image.",
+    schema: (bad) => wholeNumber(bad, 0, MAX_IMAGE_GENERATION),
+});
+
 /** What `hosts.<name>` may set: some stack-wide keys for one host, and the host's own. */
-export const HOST_KEYS = { instanceType, rootVolumeGiB, rebootPolicy, flakeAttr } satisfies Record<string, KeyDeclaration>;
+export const HOST_KEYS = { instanceType, rootVolumeGiB, rebootPolicy, flakeAttr, imageGeneration } satisfies Record<string, KeyDeclaration>;
 
 /** The stack-wide keys, in the order of the README's table. */
 export const KEYS = {
@@ -134,7 +149,7 @@ export const KEYS = {
         default: {},
         allowed: 'a map of host names ([a-z][a-z0-9-]{0,30}) to overrides, e.g. {"web": {}, "build": {"instanceType": "c7g.xlarge"}}',
         description:
-            "The hosts of the stack, each with overrides of the keys marked per host and its flakeAttr. Empty ({}) means one host named after the stack.",
+            "The hosts of the stack, each with overrides of the keys marked per host, its flakeAttr and its imageGeneration. Empty ({}) means one host named after the stack.",
         schema: (bad) =>
             z.record(z.string().regex(HOST_NAME), hostOverrides(), {
                 error: (issue) =>
@@ -156,7 +171,9 @@ export const KEYS = {
         default: false,
         stackDefaults: { [PRODUCTION_STACK]: true },
         allowed: "true or false",
-        description: "Turn on EC2 termination protection for every host.",
+        description:
+            "Turn on EC2 termination protection for every host: the console, the AWS CLI and other tools cannot terminate it. " +
+            "This stack still can (a re-image, pulumi destroy): the instance also gets forceDestroy.",
         schema: trueOrFalse,
     }),
     vpcId: declare({
@@ -232,6 +249,8 @@ export interface HostSettings {
     readonly rebootPolicy: Values["rebootPolicy"];
     /** AMI architecture, from the instance type. */
     readonly architecture: Architecture;
+    /** Which instance of the host this is: a new value is a new instance from the current image. */
+    readonly imageGeneration: z.output<typeof imageGeneration.schema>;
     /** Nix system double, from the instance type. */
     readonly nixSystem: NixSystem;
 }
@@ -253,7 +272,10 @@ export interface Settings extends Pick<Values, "nixosRelease" | "ami" | "elastic
     readonly publicTcpPorts: number[];
     readonly hosts: HostSettings[];
     readonly deploy: DeploySettings;
-    /** Config that is not wrong but probably not meant (a key in a misspelt namespace). */
+    /**
+     * Config that is not wrong but probably not meant: a key in a misspelt namespace, an SSH CIDR
+     * from the documentation ranges.
+     */
     readonly warnings: string[];
 }
 
@@ -395,6 +417,33 @@ const RULES: Rule[] = [
     }),
 ];
 
+/**
+ * Rules whose findings are warnings: the configuration works (the offline preview runs), but not as
+ * meant. Checked once every key is valid.
+ */
+const WARNING_RULES: Rule[] = [
+    rule(["sshAllowedCidrs", "deployConnectTimeoutSeconds"], function sshFromDocumentationRanges({ sshAllowedCidrs, deployConnectTimeoutSeconds }) {
+        const examples = sshAllowedCidrs.flatMap((n, i) => {
+            const range = documentationRangeOf(n);
+            return range ? [{ i, n, range }] : [];
+        });
+        const warnings = examples.map(({ i, n, range }) => {
+            const where = n.cidr === range.cidr ? "is" : `is in ${range.cidr},`;
+            return (
+                `${key("sshAllowedCidrs")}[${i}]: ${show(n.text)} ${where} an address range reserved for documentation (${range.rfc}); ` +
+                `no admin connects from it, so it lets no one in. Replace it with the networks you administer from.`
+            );
+        });
+        if (examples.length === sshAllowedCidrs.length) {
+            warnings.push(
+                `${key("sshAllowedCidrs")}: every entry is in a documentation range, so SSH is open to no one: a real pulumi up would wait ` +
+                    `${key("deployConnectTimeoutSeconds")} (${deployConnectTimeoutSeconds} s) for each host's SSH and then fail its deploy.`,
+            );
+        }
+        return warnings;
+    }),
+];
+
 function stackProblems(stack: string, region: string | undefined): string[] {
     const problems: string[] = [];
     if (!STACK_NAME.test(stack)) {
@@ -422,6 +471,7 @@ function hostsOf(stack: string, v: Values): HostSettings[] {
             rebootPolicy: overrides.rebootPolicy ?? v.rebootPolicy,
             architecture,
             nixSystem: nixSystemOf(architecture),
+            imageGeneration: overrides.imageGeneration ?? Number(imageGeneration.default),
         };
     });
 }
@@ -438,6 +488,7 @@ export function parseSettings(stack: string, config: FullConfig, network: Networ
     const values = readValues(stack, config, problems);
     for (const rule of RULES) problems.push(...rule(values, stack, network));
     if (problems.length > 0) throw new ConfigError(stack, problems);
+    for (const rule of WARNING_RULES) warnings.push(...rule(values, stack, network));
 
     const v = values as Values;
     return {

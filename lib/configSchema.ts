@@ -24,6 +24,8 @@ interface Declared<S extends z.ZodType> {
      * left out of Pulumi.yaml's typed declarations (listed in a comment there) and defaulted here.
      */
     readonly stackDefaults?: Readonly<Record<string, z.input<S>>>;
+    /** The README's default column when the default is not a value, e.g. "the host name". */
+    readonly defaultDescription?: string;
     /** What a good value looks like; ends every message about this key and fills the README. */
     readonly allowed: string;
     /** One or two sentences for Pulumi.yaml and the README. */

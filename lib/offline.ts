@@ -44,6 +44,8 @@ export interface RecordedResource {
     readonly protect: boolean;
     readonly retainOnDelete: boolean;
     readonly ignoreChanges: string[];
+    /** Earlier names the resource answers to (alias URNs and alias specs, as JSON). */
+    readonly aliases: string[];
 }
 
 export interface RecordedInvoke {
@@ -66,6 +68,8 @@ export interface OfflineRun {
      * The program needs well-formed values to run; a preview shows what they stand for instead.
      */
     readonly standIns: Record<string, string>;
+    /** What the program logged with `pulumi.log.warn`, in order. */
+    readonly warnings: string[];
 }
 
 export interface OfflineOptions {
@@ -76,6 +80,11 @@ export interface OfflineOptions {
     readonly program?: string;
     /** Receives each resource as it registers, so a caller sees them even when the program throws. */
     readonly onResource?: (resource: RecordedResource) => void;
+    /**
+     * Receives each warning the program logs. By default it is printed as the SDK prints a warning
+     * outside an engine (`warning: [runtime] ...` on stderr), which is what `npm run preview` shows.
+     */
+    readonly onWarning?: (message: string) => void;
 }
 
 const AMI_TOKEN = "aws:ec2/getAmi:getAmi";
@@ -208,6 +217,7 @@ export async function runOffline(options: OfflineOptions): Promise<OfflineRun> {
     const invokes: RecordedInvoke[] = [];
     const unmockedInvokes: string[] = [];
     const standIns: Record<string, string> = {};
+    const warnings: string[] = [];
 
     await pulumi.runtime.setMocks(
         {
@@ -251,6 +261,10 @@ export async function runOffline(options: OfflineOptions): Promise<OfflineRun> {
                     protect: Boolean(req.getProtect()),
                     retainOnDelete: Boolean(req.getRetainondelete()),
                     ignoreChanges: [...req.getIgnorechangesList()],
+                    aliases: [
+                        ...req.getAliasurnsList(),
+                        ...req.getAliasesList().map((a: { toObject(): unknown }) => JSON.stringify(a.toObject())),
+                    ],
                 };
                 resources.push(recorded);
                 options.onResource?.(recorded);
@@ -258,11 +272,23 @@ export async function runOffline(options: OfflineOptions): Promise<OfflineRun> {
             callback(err, resp);
         });
 
+    // The program's warnings (lib/readSettings.ts) are recorded for the caller, and printed unless it takes them.
+    const log = pulumi.log as { warn: typeof pulumi.log.warn };
+    const printWarning = log.warn;
+    log.warn = (message, ...rest) => {
+        warnings.push(message);
+        if (options.onWarning) {
+            options.onWarning(message);
+            return Promise.resolve();
+        }
+        return printWarning(message, ...rest);
+    };
+
     // eslint-disable-next-line @typescript-eslint/no-require-imports
     const program = require(options.program ?? path.join(PROJECT_DIR, "index.ts")) as Record<string, unknown>;
     const exported = Object.fromEntries(Object.entries(program).filter(([k]) => k !== "__esModule" && k !== "default"));
     const outputs = (await resolveOutputs(pulumi, exported)) as Record<string, unknown>;
     await (pulumi.runtime as unknown as { waitForRPCs(): Promise<void> }).waitForRPCs();
 
-    return { stack: options.stack, resources, invokes, unmockedInvokes, outputs, standIns };
+    return { stack: options.stack, resources, invokes, unmockedInvokes, outputs, standIns, warnings };
 }

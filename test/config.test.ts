@@ -10,7 +10,8 @@ import { loadStackConfig, StackFileError } from "../lib/stacks";
 const goodNetwork: NetworkFile = { publicTcpPorts: [80, 443], problems: [] };
 /** Bare project keys to config strings; `aws:region` and other namespaces as they are. */
 type RawConfig = Record<string, string>;
-const base: RawConfig = { sshAllowedCidrs: '["203.0.113.0/24"]' };
+/** A network an admin can connect from (a VPN's): not one of the documentation ranges, which warn. */
+const base: RawConfig = { sshAllowedCidrs: '["192.168.10.0/24"]' };
 
 /** The config as Pulumi hands it to the program: full keys, with `aws:region`. */
 function fullConfig(raw: RawConfig, region: string): Record<string, string> {
@@ -48,7 +49,7 @@ describe("parseSettings", () => {
         expect(s).toEqual({
             stack: "staging",
             region: "eu-central-1",
-            sshAllowedCidrs: ["203.0.113.0/24"],
+            sshAllowedCidrs: ["192.168.10.0/24"],
             nixosRelease: "26.05",
             ami: undefined,
             elasticIp: false,
@@ -65,6 +66,7 @@ describe("parseSettings", () => {
                     rebootPolicy: "when-required",
                     architecture: "x86_64",
                     nixSystem: "x86_64-linux",
+                    imageGeneration: 0,
                 },
             ],
             deploy: { connectTimeoutSeconds: 600, buildTimeoutSeconds: 3600, activationTimeoutSeconds: 90, rollbackTimeoutSeconds: 120, allowFailedUnits: false },
@@ -80,11 +82,11 @@ describe("parseSettings", () => {
                 instanceType: "t3.medium",
                 rootVolumeGiB: "30",
                 rebootPolicy: "never",
-                hosts: JSON.stringify({ web: {}, build: { instanceType: "c7g.xlarge", rootVolumeGiB: 100, rebootPolicy: "always", flakeAttr: "builder" } }),
+                hosts: JSON.stringify({ web: {}, build: { instanceType: "c7g.xlarge", rootVolumeGiB: 100, rebootPolicy: "always", flakeAttr: "builder", imageGeneration: 3 } }),
             },
         );
         expect(s.hosts).toEqual([
-            { name: "web", flakeAttr: "web", instanceType: "t3.medium", rootVolumeGiB: 30, rebootPolicy: "never", architecture: "x86_64", nixSystem: "x86_64-linux" },
+            { name: "web", flakeAttr: "web", instanceType: "t3.medium", rootVolumeGiB: 30, rebootPolicy: "never", architecture: "x86_64", nixSystem: "x86_64-linux", imageGeneration: 0 },
             {
                 name: "build",
                 flakeAttr: "builder",
@@ -93,6 +95,7 @@ describe("parseSettings", () => {
                 rebootPolicy: "always",
                 architecture: "arm64",
                 nixSystem: "aarch64-linux",
+                imageGeneration: 3,
             },
         ]);
     });
@@ -131,7 +134,7 @@ describe("parseSettings", () => {
         ["a host map that is not JSON", "staging", { ...base, hosts: "web" }, /^nixos-ec2:hosts: web is not valid JSON: an unexpected character at line 1 column 1; allowed: a map/],
         ["an empty host map on a stack not named like a host", "1staging", { ...base, hosts: "{}" }, /^nixos-ec2:hosts: \{\} \(the default\) names no host, and the stack name "1staging" is not a host name/],
         ["a host whose overrides are not an object", "staging", { ...base, hosts: '{"web": "big"}' }, /^nixos-ec2:hosts\.web: "big" is not an object/],
-        ["an unknown host setting", "staging", { ...base, hosts: '{"web": {"size": "big"}}' }, /^nixos-ec2:hosts\.web\.size: unknown host setting; allowed: instanceType, rootVolumeGiB, rebootPolicy, flakeAttr$/],
+        ["an unknown host setting", "staging", { ...base, hosts: '{"web": {"size": "big"}}' }, /^nixos-ec2:hosts\.web\.size: unknown host setting; allowed: instanceType, rootVolumeGiB, rebootPolicy, flakeAttr, imageGeneration$/],
         ["a bad flake attribute", "staging", { ...base, hosts: '{"web": {"flakeAttr": "a.b"}}' }, /^nixos-ec2:hosts\.web\.flakeAttr: "a\.b" is not a Nix attribute name/],
         ["a host with a bad instance type", "staging", { ...base, hosts: '{"web": {"instanceType": "huge"}}' }, /^nixos-ec2:hosts\.web\.instanceType: "huge" is not an EC2 instance type/],
         ["a boolean that is not true/false", "staging", { ...base, elasticIp: "yes" }, /^nixos-ec2:elasticIp: "yes" is not allowed; allowed: true or false$/],
@@ -176,11 +179,16 @@ describe("parseSettings", () => {
         ["a host map with a __proto__ key", "staging", { ...base, hosts: '{"web": {}, "__proto__": {"instanceType": "zz"}}' }, /^nixos-ec2:hosts: .* has the key "__proto__" \(at line 1 column 13\), which is not allowed/],
         ["a Mac instance type", "staging", { ...base, instanceType: "mac2.metal" }, /^nixos-ec2:instanceType: "mac2\.metal" is a Mac instance type, which runs macOS only/],
         ["a pinned AMI for hosts of two architectures", "staging", { ...base, ami: "ami-0123456789abcdef0", hosts: '{"web": {}, "arm": {"instanceType": "t4g.small"}}' }, /^nixos-ec2:ami: "ami-0123456789abcdef0" is one image for hosts of two architectures \(t3\.small, t4g\.small\)/],
+        ["a negative image generation", "staging", { ...base, hosts: '{"web": {"imageGeneration": -1}}' }, /^nixos-ec2:hosts\.web\.imageGeneration: -1 is not allowed; allowed: a whole number from 0 to 9999$/],
+        ["an image generation above 9999", "staging", { ...base, hosts: '{"web": {"imageGeneration": 10000}}' }, /^nixos-ec2:hosts\.web\.imageGeneration: 10000 is not allowed; allowed: a whole number from 0 to 9999$/],
+        ["a fractional image generation", "staging", { ...base, hosts: '{"web": {"imageGeneration": 1.5}}' }, /^nixos-ec2:hosts\.web\.imageGeneration: 1\.5 is not allowed/],
+        ["an image generation that is a word", "staging", { ...base, hosts: '{"web": {"imageGeneration": "next"}}' }, /^nixos-ec2:hosts\.web\.imageGeneration: "next" is not allowed; allowed: a whole number from 0 to 9999$/],
+        ["an image generation for the whole stack (it is per host)", "staging", { ...base, imageGeneration: "1" }, /^nixos-ec2:imageGeneration: unknown key; the project's keys are /],
         ["a volume of 1e400", "staging", { ...base, hosts: '{"web": {"rootVolumeGiB": 1e400}}' }, /^nixos-ec2:hosts\.web\.rootVolumeGiB: Infinity is not allowed/],
         ["a huge unknown key", "staging", { ...base, ["k".repeat(3000)]: "x" }, /^nixos-ec2:k{70}… \(3010 characters\): unknown key/],
         ["a bad reboot policy", "staging", { ...base, rebootPolicy: "sometimes" }, /^nixos-ec2:rebootPolicy: "sometimes" is not a reboot policy; allowed: never, when-required, always$/],
         ["a bad host reboot policy", "staging", { ...base, hosts: '{"web": {"rebootPolicy": true}}' }, /^nixos-ec2:hosts\.web\.rebootPolicy: true is not a reboot policy; allowed: never, when-required, always$/],
-        ["a host override of a key that is not per host", "staging", { ...base, hosts: '{"web": {"elasticIp": true}}' }, /^nixos-ec2:hosts\.web\.elasticIp: unknown host setting; allowed: instanceType, rootVolumeGiB, rebootPolicy, flakeAttr$/],
+        ["a host override of a key that is not per host", "staging", { ...base, hosts: '{"web": {"elasticIp": true}}' }, /^nixos-ec2:hosts\.web\.elasticIp: unknown host setting; allowed: instanceType, rootVolumeGiB, rebootPolicy, flakeAttr, imageGeneration$/],
     ];
 
     it.each(badConfigs)("rejects %s", (_what, stack, raw, message) => {
@@ -334,6 +342,43 @@ describe("values and messages", () => {
             'nixos_ec2:rootVolumGiB: ignored, because "nixos_ec2" is not this project\'s namespace; did you mean nixos-ec2:rootVolumeGiB?',
             'nixos-ec:hosts: ignored, because "nixos-ec" is not this project\'s namespace; did you mean nixos-ec2:hosts?',
         ]);
+    });
+});
+
+describe("SSH CIDRs from the documentation ranges", () => {
+    const warningsOf = (cidrs: string[], raw: RawConfig = {}) => settingsOf("prod", { sshAllowedCidrs: JSON.stringify(cidrs), ...raw }).warnings;
+    const entry = (i: number, text: string, where: string, rfc: string) =>
+        `nixos-ec2:sshAllowedCidrs[${i}]: "${text}" ${where} an address range reserved for documentation (${rfc}); ` +
+        "no admin connects from it, so it lets no one in. Replace it with the networks you administer from.";
+    const nobody = (seconds: number) =>
+        "nixos-ec2:sshAllowedCidrs: every entry is in a documentation range, so SSH is open to no one: a real pulumi up would wait " +
+        `nixos-ec2:deployConnectTimeoutSeconds (${seconds} s) for each host's SSH and then fail its deploy.`;
+
+    it("are accepted with a warning per entry, and one more when no entry is a real network", () => {
+        expect(warningsOf(["203.0.113.0/24", "2001:db8::/32"])).toEqual([entry(0, "203.0.113.0/24", "is", "RFC 5737"), entry(1, "2001:db8::/32", "is", "RFC 3849"), nobody(600)]);
+        expect(warningsOf(["192.0.2.0/24", "198.51.100.0/24", "3fff:0::/20"], { deployConnectTimeoutSeconds: "30" })).toEqual([
+            entry(0, "192.0.2.0/24", "is", "RFC 5737"),
+            entry(1, "198.51.100.0/24", "is", "RFC 5737"),
+            entry(2, "3fff:0::/20", "is", "RFC 9637"),
+            nobody(30),
+        ]);
+    });
+
+    it("name the range an entry lies in, and say nothing more when another entry is a real network", () => {
+        expect(warningsOf(["81.2.69.0/24", "203.0.113.7/32", "2001:db8:1::/48"])).toEqual([
+            entry(1, "203.0.113.7/32", "is in 203.0.113.0/24,", "RFC 5737"),
+            entry(2, "2001:db8:1::/48", "is in 2001:db8::/32,", "RFC 3849"),
+        ]);
+    });
+
+    it("are not networks that only overlap one, nor IPv6 networks with the same numbers as an IPv4 one", () => {
+        // ::c000:200/120 holds the same 128-bit numbers as ::192.0.2.0, but is IPv6.
+        expect(warningsOf(["192.0.0.0/16", "2001:d00::/24", "::c000:200/120", "203.0.112.0/23"])).toEqual([]);
+        expect(settingsOf("staging", base).warnings).toEqual([]);
+    });
+
+    it("are never errors: a configuration with one reports only its real problems", () => {
+        expect(problemsOf("prod", { sshAllowedCidrs: '["203.0.113.0/24"]', rootVolumeGiB: "4" })).toEqual([expect.stringMatching(/^nixos-ec2:rootVolumeGiB: "4" is not allowed/)]);
     });
 });
 

@@ -1,8 +1,19 @@
-import { amiNamePattern, hostKeyUserData } from "../components/nixosHost";
-import { OfflineRun, SecretValue } from "../lib/offline";
+import { amiNamePattern, hostKeyUserData, instanceResourceName } from "../components/nixosHost";
+import { OfflineRun, RecordedResource, SecretValue } from "../lib/offline";
 import { childrenOf, resource, runProgram } from "./support/program";
 
 const INSTANCE = "aws:ec2/instance:Instance";
+const EIP = "aws:ec2/eip:Eip";
+const SWITCH = "command:local:Command";
+
+interface HostOutputs {
+    instanceId: string;
+    publicIp: string;
+    hostPublicKey: string;
+    sshCommand: string;
+}
+const hostsOf = (run: OfflineRun) => run.outputs.hosts as Record<string, HostOutputs>;
+const instances = (run: OfflineRun) => run.resources.filter((r) => r.type === INSTANCE).map((r) => r.name);
 
 describe("NixosHost", () => {
     let staging: OfflineRun;
@@ -33,6 +44,8 @@ describe("NixosHost", () => {
         });
         expect(instance.dependencies).toEqual(expect.arrayContaining([sg.urn, keyPair.urn]));
         expect(instance.ignoreChanges).toEqual(["ami"]);
+        // Without termination protection there is no forceDestroy either: the inputs above are all.
+        expect(instance.inputs).not.toHaveProperty("forceDestroy");
     });
 
     it("looks the image up by the official owner, the release's name pattern and the architecture", () => {
@@ -88,7 +101,9 @@ describe("NixosHost", () => {
     });
 
     it("gives prod an Elastic IP and termination protection, and staging neither", () => {
-        expect(resource(prod, INSTANCE, "prod-instance").inputs.disableApiTermination).toBe(true);
+        // Termination protection stops the console and the AWS CLI; forceDestroy lets this stack
+        // still delete the instance when it re-images it (README, "Moving a host to a newer NixOS image").
+        expect(resource(prod, INSTANCE, "prod-instance").inputs).toMatchObject({ disableApiTermination: true, forceDestroy: true });
         const eip = resource(prod, "aws:ec2/eip:Eip", "prod-eip");
         expect(eip.inputs).toEqual({ domain: "vpc", instance: expect.any(String), tags: { Project: "nixos-ec2", Stack: "prod" } });
         expect(eip.dependencies).toContain(resource(prod, INSTANCE, "prod-instance").urn);
@@ -130,5 +145,106 @@ describe("NixosHost", () => {
         ]);
         for (const r of taggable) expect(r.inputs.tags).toMatchObject({ Project: "nixos-ec2", Stack: "prod" });
         expect(childrenOf(prod, "nixos-ec2:index:NixosHost", "prod").map((r) => r.type)).toEqual([INSTANCE, "aws:ec2/eip:Eip"]);
+    });
+});
+
+describe("instanceResourceName", () => {
+    it("keeps the name of x86_64 hosts at generation 0, and names the architecture and a later generation", () => {
+        expect(instanceResourceName("web", "x86_64", 0)).toBe("web-instance");
+        expect(instanceResourceName("web", "x86_64", 2)).toBe("web-instance-gen2");
+        expect(instanceResourceName("web", "arm64", 0)).toBe("web-instance-arm64");
+        expect(instanceResourceName("web", "arm64", 3)).toBe("web-instance-arm64-gen3");
+    });
+});
+
+/**
+ * A re-image is a new instance resource name: Pulumi has no state for it, so it creates the
+ * instance from the image the lookup returns then, instead of the AMI an ignoreChanges keeps
+ * for a resource it knows (even under `--replace`).
+ */
+describe("a new imageGeneration or architecture", () => {
+    let before: OfflineRun;
+    beforeAll(async () => {
+        before = await runProgram("prod");
+    });
+
+    it("replaces the instance under a new name, from the lookup, with no alias to the old one", async () => {
+        const after = await runProgram("prod", { hosts: '{"prod": {"imageGeneration": 1}}' });
+        expect(instances(before)).toEqual(["prod-instance"]);
+        expect(instances(after)).toEqual(["prod-instance-gen1"]);
+        const [old, fresh] = [resource(before, INSTANCE, "prod-instance"), resource(after, INSTANCE, "prod-instance-gen1")];
+        expect(fresh.urn).toBe(old.urn.replace(/::prod-instance$/, "::prod-instance-gen1"));
+        // An alias would hand the new name the old state, and with it the old AMI.
+        expect([old.aliases, fresh.aliases]).toEqual([[], []]);
+        expect(fresh.inputs.ami).toBe("(looked up at deploy: newest AMI of owner 427812963091 named nixos/26.05* for x86_64)");
+        expect(after.invokes.map((i) => i.token)).toEqual(["aws:ec2/getAmi:getAmi"]);
+        // Otherwise the same instance: the same host key in user-data, the same settings, protected
+        // and force-destroyable again, so that the next re-image works as this one does.
+        expect(fresh.inputs).toEqual(old.inputs);
+        expect(fresh.inputs).toMatchObject({ disableApiTermination: true, forceDestroy: true });
+    });
+
+    it("moves the Elastic IP, the deploy and the outputs to the new instance, and keeps the host key", async () => {
+        const after = await runProgram("prod", { hosts: '{"prod": {"imageGeneration": 1}}' });
+        const fresh = resource(after, INSTANCE, "prod-instance-gen1");
+        const eip = resource(after, EIP, "prod-eip");
+        expect(eip.urn).toBe(resource(before, EIP, "prod-eip").urn);
+        expect(eip.inputs.instance).toBe("(known after deploy: id of prod-instance-gen1)");
+        expect(eip.dependencies).toContain(fresh.urn);
+        const deploy = resource(after, SWITCH, "prod-switch");
+        expect(deploy.urn).toBe(resource(before, SWITCH, "prod-switch").urn);
+        expect(deploy.inputs.triggers).toEqual([
+            ...(resource(before, SWITCH, "prod-switch").inputs.triggers as string[]).slice(0, 2),
+            "(known after deploy: id of prod-instance-gen1)",
+            hostsOf(before).prod.hostPublicKey,
+        ]);
+        expect(deploy.dependencies).toEqual(expect.arrayContaining([fresh.urn, eip.urn]));
+        expect(hostsOf(after).prod).toMatchObject({
+            instanceId: "(known after deploy: id of prod-instance-gen1)",
+            publicIp: "(known after deploy: Elastic IP of prod-eip)",
+            hostPublicKey: hostsOf(before).prod.hostPublicKey,
+            sshCommand: hostsOf(before).prod.sshCommand,
+        });
+        // The keys are the stack's, not the instance's: none of them is renamed or changed.
+        const keys = (run: OfflineRun) => run.resources.filter((r) => r.type === "tls:index/privateKey:PrivateKey" || r.type === "aws:ec2/keyPair:KeyPair");
+        expect(keys(after)).toEqual(keys(before));
+    });
+
+    it("touches no other host of a fleet", async () => {
+        const fleet = await runProgram("staging", { hosts: '{"web": {}, "db": {}}' });
+        const reimaged = await runProgram("staging", { hosts: '{"web": {}, "db": {"imageGeneration": 4}}' });
+        const dbUrns = (run: OfflineRun, instance: string) => {
+            const db = [resource(run, "nixos-ec2:index:NixosHost", "db").urn, resource(run, "nixos-ec2:index:NixosDeployment", "db").urn];
+            return new Set(run.resources.filter((r) => db.includes(r.urn) || db.includes(r.parent) || r.name === instance).map((r) => r.urn));
+        };
+        const rest = (run: OfflineRun, instance: string): RecordedResource[] => run.resources.filter((r) => !dbUrns(run, instance).has(r.urn));
+        expect(rest(fleet, "db-instance").length).toBeGreaterThan(10);
+        expect(rest(reimaged, "db-instance-gen4")).toEqual(rest(fleet, "db-instance"));
+        expect(instances(reimaged)).toEqual(["web-instance", "db-instance-gen4"]);
+        expect(resource(reimaged, INSTANCE, "db-instance-gen4").inputs).toEqual(resource(fleet, INSTANCE, "db-instance").inputs);
+    });
+
+    it("moving a host to Graviton is a new instance from the arm64 image, never the x86_64 one kept in state", async () => {
+        const arm = await runProgram("prod", { instanceType: "t4g.small" });
+        expect(instances(arm)).toEqual(["prod-instance-arm64"]);
+        const instance = resource(arm, INSTANCE, "prod-instance-arm64");
+        expect(instance.aliases).toEqual([]);
+        expect(instance.inputs).toMatchObject({
+            instanceType: "t4g.small",
+            ami: "(looked up at deploy: newest AMI of owner 427812963091 named nixos/26.05* for arm64)",
+            disableApiTermination: true,
+            forceDestroy: true,
+        });
+        expect(resource(arm, EIP, "prod-eip").inputs.instance).toBe("(known after deploy: id of prod-instance-arm64)");
+        expect(hostsOf(arm).prod.hostPublicKey).toBe(hostsOf(before).prod.hostPublicKey);
+        // Back to x86_64 is the old name, and so a new instance again; a generation adds to the name.
+        expect(instances(await runProgram("prod", { instanceType: "t3.medium" }))).toEqual(["prod-instance"]);
+        expect(instances(await runProgram("prod", { instanceType: "c7g.large", hosts: '{"prod": {"imageGeneration": 2}}' }))).toEqual(["prod-instance-arm64-gen2"]);
+    });
+
+    it("with a pinned AMI is a new instance from that AMI", async () => {
+        const pinned = await runProgram("staging", { ami: "ami-0123456789abcdef0", hosts: '{"staging": {"imageGeneration": 1}}' });
+        expect(resource(pinned, INSTANCE, "staging-instance-gen1").inputs.ami).toBe("ami-0123456789abcdef0");
+        expect(pinned.invokes).toEqual([]);
     });
 });

@@ -40,14 +40,34 @@ function preview(...args: string[]): Result {
     return { status: r.status, stdout: r.stdout, stderr: r.stderr };
 }
 
-function ok(...args: string[]): string {
-    const r = preview(...args);
-    if (r.status !== 0 || r.stderr !== "") throw new Error(`preview ${args.join(" ")} exited ${r.status}: ${r.stderr}`);
+/**
+ * What a preview of each committed stack prints on stderr, and nothing else: the stack files allow
+ * SSH only from documentation ranges, which the program warns about (lib/config.ts).
+ */
+const DOCUMENTATION_WARNINGS: Record<string, string> = {
+    staging:
+        'warning: [runtime] nixos-ec2:sshAllowedCidrs[0]: "203.0.113.0/24" is an address range reserved for documentation (RFC 5737); ' +
+        "no admin connects from it, so it lets no one in. Replace it with the networks you administer from.\n" +
+        'warning: [runtime] nixos-ec2:sshAllowedCidrs[1]: "2001:db8::/32" is an address range reserved for documentation (RFC 3849); ' +
+        "no admin connects from it, so it lets no one in. Replace it with the networks you administer from.\n" +
+        "warning: [runtime] nixos-ec2:sshAllowedCidrs: every entry is in a documentation range, so SSH is open to no one: " +
+        "a real pulumi up would wait nixos-ec2:deployConnectTimeoutSeconds (600 s) for each host's SSH and then fail its deploy.\n",
+    prod:
+        'warning: [runtime] nixos-ec2:sshAllowedCidrs[0]: "203.0.113.0/24" is an address range reserved for documentation (RFC 5737); ' +
+        "no admin connects from it, so it lets no one in. Replace it with the networks you administer from.\n" +
+        "warning: [runtime] nixos-ec2:sshAllowedCidrs: every entry is in a documentation range, so SSH is open to no one: " +
+        "a real pulumi up would wait nixos-ec2:deployConnectTimeoutSeconds (600 s) for each host's SSH and then fail its deploy.\n",
+};
+
+/** A preview of `stack` that exits 0 with exactly the stack's documentation warnings on stderr. */
+function ok(stack: string, ...args: string[]): string {
+    const r = preview(stack, ...args);
+    if (r.status !== 0 || r.stderr !== DOCUMENTATION_WARNINGS[stack]) throw new Error(`preview ${stack} ${args.join(" ")} exited ${r.status}: ${r.stderr}`);
     return r.stdout;
 }
 
-function json(...args: string[]): PreviewReport {
-    return JSON.parse(ok(...args, "--json")) as PreviewReport;
+function json(stack: string, ...args: string[]): PreviewReport {
+    return JSON.parse(ok(stack, ...args, "--json")) as PreviewReport;
 }
 
 function allNodes(nodes: ResourceNode[]): ResourceNode[] {
@@ -192,8 +212,8 @@ describe("secrets", () => {
             .filter((line) => /^[A-Za-z0-9+/=]{40,}$/.test(line));
         expect(material.length).toBeGreaterThanOrEqual(3 * 2);
 
-        for (const args of [["prod", "--config", `hosts=${hosts}`], ["staging"]]) {
-            for (const out of [ok(...args), ok(...args, "--json")]) {
+        for (const [stack, ...args] of [["prod", "--config", `hosts=${hosts}`], ["staging"]]) {
+            for (const out of [ok(stack, ...args), ok(stack, ...args, "--json")]) {
                 expect(out).not.toContain("PRIVATE KEY");
                 expect(out).not.toContain("SSH_HOST_ED25519_KEY");
                 for (const line of material) expect(out).not.toContain(line);
@@ -227,7 +247,8 @@ describe("--config overrides", () => {
         );
         expect(report.overrides).toEqual(["aws:region", "nixos-ec2:elasticIp", "nixos-ec2:hosts", "nixos-ec2:instanceType"]);
         expect(node(report, "aws:ec2/instance:Instance", "web-instance").inputs).toMatchObject({ instanceType: "t3.large", rootBlockDevice: { volumeSize: 20 } });
-        expect(node(report, "aws:ec2/instance:Instance", "db-instance").inputs).toMatchObject({
+        // A Graviton host's instance name carries its architecture: moving it to x86_64 or back is a new instance.
+        expect(node(report, "aws:ec2/instance:Instance", "db-instance-arm64").inputs).toMatchObject({
             instanceType: "t4g.medium",
             rootBlockDevice: { volumeSize: 50 },
             ami: "<looked up at deploy: newest AMI of owner 427812963091 named nixos/26.05* for arm64>",
@@ -240,6 +261,14 @@ describe("--config overrides", () => {
             ["aws:ec2/getAmi:getAmi", 1],
             ["aws:ec2/getAmi:getAmi", 1],
         ]);
+    });
+
+    it("that name real SSH networks leave stderr empty: the warnings are only about the documentation ranges", () => {
+        for (const stack of ["staging", "prod"]) {
+            const r = preview(stack, "--config", 'sshAllowedCidrs=["81.2.69.0/24", "2a02:8010::/32"]');
+            expect([r.status, r.stderr]).toEqual([0, ""]);
+            expect(r.stdout).toContain("81.2.69.0/24");
+        }
     });
 
     it("are listed, by key, under the banner", () => {
@@ -270,7 +299,8 @@ describe("failures", () => {
         const r = preview("staging", "--config", "nixosec2:instanceType=t3.large");
         expect(r.status).toBe(0);
         expect(r.stderr).toBe(
-            'warning: [runtime] nixosec2:instanceType: ignored, because "nixosec2" is not this project\'s namespace; did you mean nixos-ec2:instanceType?\n',
+            'warning: [runtime] nixosec2:instanceType: ignored, because "nixosec2" is not this project\'s namespace; did you mean nixos-ec2:instanceType?\n' +
+                DOCUMENTATION_WARNINGS.staging,
         );
         expect(r.stdout).toContain("instanceType: t3.small");
         expect(r.stdout).not.toContain("t3.large");
@@ -357,13 +387,16 @@ describe("failures", () => {
 
 describe("determinism", () => {
     it("two runs print the same bytes, as text and as JSON", () => {
-        const args = ["staging", "--config", 'hosts={"b":{},"a":{"instanceType":"c7g.large"}}'];
-        expect(ok(...args)).toBe(ok(...args));
-        expect(ok(...args, "--json")).toBe(ok(...args, "--json"));
+        const args = ["--config", 'hosts={"b":{},"a":{"instanceType":"c7g.large"}}'];
+        expect(ok("staging", ...args)).toBe(ok("staging", ...args));
+        expect(ok("staging", ...args, "--json")).toBe(ok("staging", ...args, "--json"));
     });
 
     it("staging is the default stack", () => {
-        expect(ok()).toBe(ok("staging"));
+        const r = preview();
+        expect(r.status).toBe(0);
+        expect(r.stderr).toBe(DOCUMENTATION_WARNINGS.staging);
+        expect(r.stdout).toBe(ok("staging"));
     });
 });
 

@@ -41,6 +41,22 @@ describe("the stacks in the repository", () => {
         expect(withoutThem).toEqual(withSchemaDefaults);
     });
 
+    it("allow SSH only from documentation ranges, and the program warns so, naming the key and each entry", async () => {
+        const documentation = (i: number, cidr: string, rfc: string) =>
+            `nixos-ec2:sshAllowedCidrs[${i}]: "${cidr}" is an address range reserved for documentation (${rfc}); no admin connects from it, so it lets no one in. ` +
+            "Replace it with the networks you administer from.";
+        const nobody = expect.stringMatching(/^nixos-ec2:sshAllowedCidrs: every entry is in a documentation range, so SSH is open to no one: .*\(600 s\)/);
+        const expected: Record<string, unknown[]> = {
+            staging: [documentation(0, "203.0.113.0/24", "RFC 5737"), documentation(1, "2001:db8::/32", "RFC 3849"), nobody],
+            prod: [documentation(0, "203.0.113.0/24", "RFC 5737"), nobody],
+        };
+        for (const stack of ["staging", "prod"]) {
+            expect(loadSettings(stack).warnings).toEqual(expected[stack]);
+            // The program hands them to pulumi.log.warn, which `pulumi up` shows and the preview prints.
+            expect((await runProgram(stack)).warnings).toEqual(loadSettings(stack).warnings);
+        }
+    });
+
     it("run under the mocks with the expected hosts and no unmocked data source", async () => {
         for (const stack of ["staging", "prod"]) {
             const run = await runProgram(stack);
@@ -58,7 +74,7 @@ describe("a bad configuration", () => {
         await jest.isolateModulesAsync(async () => {
             const { runOffline } = await import("../lib/offline");
             const config = loadStackConfig("prod", overrides);
-            error = await runOffline({ stack: "prod", config, onResource: (r) => registered.push(r.name) }).then(
+            error = await runOffline({ stack: "prod", config, onResource: (r) => registered.push(r.name), onWarning: () => undefined }).then(
                 () => undefined,
                 (e: unknown) => e,
             );

@@ -75,7 +75,7 @@ export function renderReadmeTable(): string {
     });
     const hostOnly = Object.entries(HOST_KEYS)
         .filter(([k]) => !(k in KEYS))
-        .map(([k, d]) => `| \`hosts.<name>.${k}\` | ${d.type} | the host name | ${cell(d.allowed)} | ${cell(d.description)} |`);
+        .map(([k, d]) => `| \`hosts.<name>.${k}\` | ${d.type} | ${cell(d.defaultDescription ?? defaultText(d, "markdown"))} | ${cell(d.allowed)} | ${cell(d.description)} |`);
     return [
         TABLE_START,
         `All keys are in the \`${PROJECT}\` namespace.`,

@@ -9,7 +9,8 @@
 # - `config` is every module's definitions merged, with mkIf and mkMerge applied; mkOrder and
 #   mkOverride stay as markers. Lists concatenate, equal values agree, other clashes throw.
 #
-# Only nixosEc2.* can be read from the config the modules get: anything else is nixpkgs'.
+# Only nixosEc2.* (and the stand-ins nix.package and systemd.package) can be read from the config
+# the modules get: anything else is nixpkgs'.
 {
   nixDir,
   host,
@@ -35,6 +36,9 @@ let
   moduleArgs = {
     config = {
       nixosEc2 = optionValues;
+      # nixpkgs' own options that a module reads, as stand-ins.
+      nix.package = "/nix-package";
+      systemd.package = "/systemd-package";
     };
     inherit lib;
     pkgs = builtins.fromJSON pkgs;

@@ -31,9 +31,16 @@ export interface HostEvaluation {
  * The packages the modules interpolate, as store-path stand-ins. util-linux is this machine's,
  * so that a script calling `${pkgs.util-linux}/bin/flock` runs here.
  */
-export function standInPackages(): Record<string, string> {
+export function standInPackages(): Record<string, unknown> {
     const flock = execFileSync("sh", ["-c", "command -v flock"], { encoding: "utf8" }).trim();
-    return { "util-linux": path.dirname(path.dirname(flock)) };
+    return {
+        "util-linux": path.dirname(path.dirname(flock)),
+        stdenv: { hostPlatform: { isAarch64: false } },
+        bash: "/bash",
+        coreutils: "/coreutils",
+        grub2: "/grub2",
+        grub2_efi: "/grub2-efi",
+    };
 }
 
 /** Evaluates nixosConfigurations.<host>; `overrides` replace option values under config.nixosEc2. */

@@ -15,7 +15,8 @@ export async function runConfig(stack: string, config: StackConfig): Promise<Off
     let failure: unknown;
     await jest.isolateModulesAsync(async () => {
         try {
-            run = await runOffline({ stack, config });
+            // Warnings are in run.warnings for the tests to check, not printed.
+            run = await runOffline({ stack, config, onWarning: () => undefined });
         } catch (e) {
             failure = e;
         }
