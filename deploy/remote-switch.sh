@@ -42,6 +42,7 @@ HEALTH_URL=${NIXOS_EC2_HEALTH_URL:-http://127.0.0.1/healthz}
 RUN_DIR=${NIXOS_EC2_RUN_DIR:-/run}
 BOOT_ID_FILE=${NIXOS_EC2_BOOT_ID_FILE:-/proc/sys/kernel/random/boot_id}
 GRUB_DIR=${NIXOS_EC2_GRUB_DIR:-/boot/grub}
+ACME_DIR=${NIXOS_EC2_ACME_DIR:-/var/lib/acme}
 
 readonly PENDING_FILE=$STATE_DIR/pending-rollback
 readonly PENDING_BOOT_FILE=$STATE_DIR/pending-boot
@@ -104,7 +105,7 @@ unit_environment() {
     local var
     UNIT_ENV=("--setenv=PATH=$PATH")
     for var in NIXOS_EC2_STATE_DIR NIXOS_EC2_SYSTEM_PROFILE NIXOS_EC2_HEALTH_URL NIXOS_EC2_PROGRESS_SECONDS \
-        NIXOS_EC2_RUN_DIR NIXOS_EC2_BOOT_ID_FILE NIXOS_EC2_GRUB_DIR LOCALE_ARCHIVE; do
+        NIXOS_EC2_RUN_DIR NIXOS_EC2_BOOT_ID_FILE NIXOS_EC2_GRUB_DIR NIXOS_EC2_ACME_DIR LOCALE_ARCHIVE; do
         if [[ -n ${!var:-} ]]; then
             UNIT_ENV+=("--setenv=$var=${!var}")
         fi
@@ -126,7 +127,7 @@ take_lock() {
     if ! flock -n 9; then
         say "waiting up to ${LOCK_WAIT_SECONDS}s for another deploy or rollback on this host"
         flock -w "$LOCK_WAIT_SECONDS" 9 ||
-            die "$EXIT_BUSY" "another deploy or rollback still holds $STATE_DIR/lock after ${LOCK_WAIT_SECONDS}s; wait for it ('systemctl list-units \"nixos-ec2-*\"') and deploy again"
+            die "$EXIT_BUSY" "another deploy, a rollback or the nightly upgrade (nixos-upgrade.service) still holds $STATE_DIR/lock after ${LOCK_WAIT_SECONDS}s; wait for it ('systemctl list-units \"nixos-ec2-*\" nixos-upgrade.service') and deploy again"
     fi
 }
 
@@ -337,6 +338,10 @@ activate() {
     fi
     rm -f "$out"
     if ((status == 0)) || [[ -n $REBOOT_REASON ]]; then
+        return 0
+    fi
+    if ((status == 4)) && only_pending_certificates; then
+        say "the only units that failed are orders of certificates not issued yet; keeping the new system"
         return 0
     fi
     if ((status == 4)) && [[ $allow == true ]]; then
@@ -595,6 +600,31 @@ switch_body() {
     prepare_boot "$DEPLOY_ID" "$previous" "$activate_seconds"
 }
 
+# only_pending_certificates: true when the failed units are all orders of certificates that were
+# never issued: nix/modules/web.nix turns HTTPS on with a domain before DNS points at the host,
+# and the ACME module's acme-order-renew-<cert>.service (nixos/modules/security/acme/default.nix)
+# fails with exit 10 until the name resolves; <acme dir>/<cert>/acme-success appears with the
+# first certificate. Such a certificate is pending, not broken: nixos-ec2-acme-retry.timer orders
+# it again every 12 minutes and plain HTTP keeps serving. Any other failed unit, or a failed
+# renewal of a certificate that was issued, counts as a failure. Says which certificate waits, and
+# the order's last log line (why).
+only_pending_certificates() {
+    local units unit cert why pending=()
+    units=$(systemctl --failed --no-legend --plain --no-pager 2>/dev/null | awk '{ print $1 }') || return 1
+    [[ -n $units ]] || return 1
+    while IFS= read -r unit; do
+        [[ $unit =~ ^acme-order-renew-(.+)\.service$ ]] || return 1
+        cert=${BASH_REMATCH[1]}
+        [[ ! -e $ACME_DIR/$cert/acme-success ]] || return 1
+        pending+=("$cert")
+    done <<<"$units"
+    for cert in "${pending[@]}"; do
+        why=$(journalctl -u "acme-order-renew-$cert.service" -n 1 -o cat --no-pager 2>/dev/null | tail -n 1) || why=""
+        say "certificate for $cert not issued yet: ${why:-its order failed}"
+        say "certificate for $cert pending: HTTP keeps serving; nixos-ec2-acme-retry.timer orders it every 12 min until $cert resolves here"
+    done
+}
+
 settle() {
     local allow=$1 seconds=$2 state
     state=$(timeout "$seconds" systemctl is-system-running --wait 2>&1) || true
@@ -605,7 +635,9 @@ settle() {
         ;;
     degraded)
         systemctl --failed --no-legend --no-pager 2>&1 || true
-        if [[ $allow == true ]]; then
+        if only_pending_certificates; then
+            say "systemd reports the system as degraded only by the pending certificate(s) above"
+        elif [[ $allow == true ]]; then
             say "warning: the system is degraded (units failed); accepted because allowFailedUnits is true"
         else
             SETTLE_FAILURE="the system is degraded: units failed (listed above; allowFailedUnits is false)"

@@ -43,6 +43,55 @@ describeWithTools(DEPLOY_TOOLS)(
             expect(sshd.calls().some((call) => call.includes("--switch-generation"))).toBe(false);
         });
 
+        // nix/modules/web.nix with a domain whose DNS does not point at the host yet: the ACME
+        // module's order unit fails (exit 10) and the system is degraded until it succeeds.
+        const ORDER = "acme-order-renew-todo.example.org.service";
+        const NXDOMAIN = "[todo.example.org] acme: error: 400 :: urn:ietf:params:acme:error:dns :: DNS problem: NXDOMAIN looking up A for todo.example.org";
+        const pendingOrder = { unit: ORDER, log: NXDOMAIN };
+
+        test("a certificate that waits for DNS does not fail the deploy, and the output says which one and why", async () => {
+            const sshd = await host();
+            sshd.setBehaviour({ switchExit: 4, systemState: "degraded", failedUnits: [pendingOrder] });
+            const run = await runDeploy(deployEnv(sshd));
+            expect(run.code).toBe(0);
+            expect(JSON.parse(stdoutLines(run)[0])).toEqual({ systemPath: sshd.systemPath(), generation: 2, rebooted: false });
+            expect(run.stderr).toContain(`] certificate for todo.example.org not issued yet: ${NXDOMAIN}\n`);
+            expect(run.stderr).toContain(
+                "] certificate for todo.example.org pending: HTTP keeps serving; nixos-ec2-acme-retry.timer orders it every 12 min until todo.example.org resolves here\n",
+            );
+            expect(run.stderr).toContain("the only units that failed are orders of certificates not issued yet; keeping the new system");
+            expect(run.stderr).toContain("systemd reports the system as degraded only by the pending certificate(s) above");
+            expect(sshd.calls().some((call) => call.includes("--switch-generation"))).toBe(false);
+        });
+
+        test("a pending certificate found only when the system settles does not fail the deploy either", async () => {
+            const sshd = await host();
+            sshd.setBehaviour({ systemState: "degraded", failedUnits: [pendingOrder] });
+            const run = await runDeploy(deployEnv(sshd));
+            expect(run.code).toBe(0);
+            expect(run.stderr).toContain("certificate for todo.example.org pending");
+            expect(sshd.generation()).toBe(2);
+        });
+
+        test("another failed unit beside a pending certificate still rolls back", async () => {
+            const sshd = await host();
+            sshd.setBehaviour({ switchExit: 4, systemState: "degraded", failedUnits: [pendingOrder, { unit: "postgresql.service", log: "FATAL: could not start" }] });
+            const run = await runDeploy(deployEnv(sshd));
+            expectRolledBackWithLogTail(sshd, run, `warning: the following units failed: ${ORDER}, postgresql.service`);
+            expect(run.stderr).not.toContain("certificate for todo.example.org pending");
+            expect(run.stderr).not.toContain("not issued yet");
+        });
+
+        test("a failed renewal of a certificate that was issued is a failure, not a pending certificate", async () => {
+            const sshd = await host();
+            fs.mkdirSync(path.join(sshd.hostDir, "acme", "todo.example.org"), { recursive: true });
+            fs.writeFileSync(path.join(sshd.hostDir, "acme", "todo.example.org", "acme-success"), "");
+            sshd.setBehaviour({ switchExit: 4, systemState: "degraded", failedUnits: [pendingOrder] });
+            const run = await runDeploy(deployEnv(sshd));
+            expectRolledBackWithLogTail(sshd, run, `warning: the following units failed: ${ORDER}`);
+            expect(run.stderr).not.toContain("not issued yet");
+        });
+
         test("a failing build changes nothing on the host and fails with the log tail", async () => {
             const sshd = await host();
             sshd.setBehaviour({ buildExit: 1 });

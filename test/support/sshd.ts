@@ -85,6 +85,8 @@ export interface HostBehaviour {
     noBootGuard?: boolean;
     /** The build is not a NixOS system (no nixos-version file). */
     notNixos?: boolean;
+    /** The units a degraded new system lists as failed, each with its last log line (journalctl). */
+    failedUnits?: Array<{ unit: string; log: string }>;
 }
 
 export interface SshdOptions {
@@ -108,7 +110,7 @@ export interface TestSshd {
     readonly user: string;
     /** Everything of this server lives here; removed by stop(). */
     readonly dir: string;
-    /** The fake host's root: bin/, store/, profiles/, run/, state/, control/, units/, calls.log. */
+    /** The fake host's root: bin/, store/, profiles/, run/, state/, control/, units/, boot/, acme/, calls.log. */
     readonly hostDir: string;
     /** NIXOS_EC2_STATE_DIR on the fake host. */
     readonly stateDir: string;
@@ -177,7 +179,7 @@ function makeFlake(flakeDir: string): void {
 
 /** Lays out the fake host: stand-ins, generation 1 of the system profile, the admin key. */
 function makeHost(hostDir: string, adminPublicKey: string): void {
-    for (const sub of ["bin", "fixtures", "store", "profiles", "run", "state", "control", "units", "boot/grub"]) {
+    for (const sub of ["bin", "fixtures", "store", "profiles", "run", "state", "control", "units", "boot/grub", "acme"]) {
         fs.mkdirSync(path.join(hostDir, sub), { recursive: true });
     }
     for (const name of fs.readdirSync(HOST_BIN)) {
@@ -225,6 +227,7 @@ function hostEnvironment(o: { hostDir: string; healthUrl?: string; progressSecon
         NIXOS_EC2_RUN_DIR: path.join(o.hostDir, "run"),
         NIXOS_EC2_BOOT_ID_FILE: path.join(o.hostDir, "boot-id"),
         NIXOS_EC2_GRUB_DIR: path.join(o.hostDir, "boot", "grub"),
+        NIXOS_EC2_ACME_DIR: path.join(o.hostDir, "acme"),
     };
     if (o.healthUrl !== undefined) {
         env.NIXOS_EC2_HEALTH_URL = o.healthUrl;
@@ -407,6 +410,7 @@ export async function startSshd(options: SshdOptions = {}): Promise<TestSshd> {
             writeControl(hostDir, "old-switch", b.oldSwitch);
             writeControl(hostDir, "no-boot-guard", b.noBootGuard);
             writeControl(hostDir, "not-nixos", b.notNixos);
+            writeControl(hostDir, "failed-units", b.failedUnits?.map(({ unit, log }) => `${unit} ${log}\n`).join(""));
         },
         calls(): string[] {
             return readOr(path.join(hostDir, "calls.log"), "")
