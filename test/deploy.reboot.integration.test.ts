@@ -4,6 +4,7 @@
  * process and SSH connection dies, sshd comes back after a delay with a new boot ID and an empty
  * run/), its confirmation, and the rollbacks that survive the reboot.
  */
+import { spawn } from "node:child_process";
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { DEPLOY_TOOLS, deployId, expectNoSecretLeft, stdoutLines, useHosts, waitFor } from "./support/deployTest";
@@ -31,6 +32,20 @@ function grubDefault(sshd: TestSshd): string {
 function grubNextEntry(sshd: TestSshd): string {
     const env = path.join(sshd.hostDir, "boot", "grub", "grubenv");
     return fs.existsSync(env) ? (/^next_entry=(.*)$/m.exec(fs.readFileSync(env, "utf8"))?.[1] ?? "") : "";
+}
+
+/** An SSH session of its own that would run for two minutes; resolves with ssh's exit status. */
+function idleSession(sshd: TestSshd): Promise<number | null> {
+    const key = path.join(sshd.dir, "idle-key");
+    fs.writeFileSync(key, sshd.adminPrivateKey, { mode: 0o600 });
+    const known = path.join(sshd.dir, "idle-known-hosts");
+    fs.writeFileSync(known, `[127.0.0.1]:${sshd.port} ${sshd.hostPublicKey}\n`);
+    const ssh = spawn(
+        "ssh",
+        ["-F", "/dev/null", "-p", String(sshd.port), "-i", key, "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", `UserKnownHostsFile=${known}`, "-o", "StrictHostKeyChecking=yes", `${sshd.user}@127.0.0.1`, "sleep 120"],
+        { stdio: "ignore" },
+    );
+    return new Promise((resolve) => ssh.once("exit", (code) => resolve(code)));
 }
 
 function outcome(sshd: TestSshd, id: string): string {
@@ -62,8 +77,13 @@ describeWithTools(DEPLOY_TOOLS)(
         test("a change a pre-switch check refuses is deployed by booting the new system once, then confirmed and made the default", async () => {
             const sshd = await host();
             const bootBefore = sshd.bootId();
+            const idle = idleSession(sshd);
+            await waitFor("the idle session to log in", () => sshd.acceptedLogins() === 1, 10_000);
             sshd.setBehaviour({ switchInhibitors: DBUS_BROKER });
             const run = await runDeploy(rebootEnv(sshd));
+            // The reboot ended every connection, not only the deploy's: ssh says 255 when the server goes away.
+            expect(await idle).toBe(255);
+            fs.rmSync(path.join(sshd.dir, "idle-key"));
             expect(run.stderr).not.toMatch(/error:/);
             expect(run.code).toBe(0);
             expect(stdoutLines(run)).toEqual([JSON.stringify({ systemPath: sshd.systemPath(), generation: 2, rebooted: true })]);
@@ -78,6 +98,8 @@ describeWithTools(DEPLOY_TOOLS)(
             expect(run.stderr).toMatch(/rebooting 127\.0\.0\.1 port \d+ into it \(generation 1 stays the boot default until it is confirmed\)/);
             expect(run.stderr).toMatch(/generation 2 booted \(boot ID \S+ before, \S+ now\); rollback disarmed/);
             expect(outcome(sshd, deployId(run))).toBe("confirmed generation=2 rebooted");
+            // What reaches the stack's state stays small through a reboot too.
+            expect(Buffer.byteLength(run.stdout + run.stderr)).toBeLessThan(16 * 1024);
             expect(fs.existsSync(path.join(sshd.stateDir, "pending-boot"))).toBe(false);
             // Never switched live; booted once through GRUB's one-shot entry, the old system still the default.
             const calls = sshd.calls();
@@ -193,6 +215,7 @@ describeWithTools(DEPLOY_TOOLS)(
             expect(run.stderr).toMatch(/the new system on 127\.0\.0\.1 port \d+ did not pass after the reboot, and the host goes back to generation 1, booted/);
             await expectBackOnGeneration1(sshd, 2);
             expect(outcome(sshd, deployId(run))).toMatch(/^rolled-back generation=1 reason=health check/);
+            expect(Buffer.byteLength(run.stdout + run.stderr)).toBeLessThan(16 * 1024);
         });
 
         test("a new kernel that panics comes back on the old generation at once, and the deploy says so", async () => {
