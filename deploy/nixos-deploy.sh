@@ -725,6 +725,11 @@ confirm() {
                 "$(host_log_hint)" \
                 "a degraded system (failed units) fails the deploy unless allowFailedUnits is true; the health check must answer 'ok'"
             ;;
+        boot:"$REMOTE_ALREADY_ROLLED_BACK")
+            fail "the new boot on $WHERE did not hold: the host is back on $ROLLBACK_TARGET, booted, and its records say why (see above)" \
+                "$(host_log_hint)" \
+                "a new system that panics comes back on the old one at once; one not confirmed within rollbackTimeoutSeconds=${ROLLBACK_TIMEOUT} of its boot reboots into it"
+            ;;
         *:"$REMOTE_ALREADY_ROLLED_BACK")
             fail "$WHERE had already rolled back to $ROLLBACK_TARGET before this deploy could confirm (the switch and the confirmation took longer than rollbackTimeoutSeconds=${ROLLBACK_TIMEOUT})" \
                 "$(host_log_hint)" "raise rollbackTimeoutSeconds if activation is slow, then run again"

@@ -229,6 +229,23 @@ describeWithTools(DEPLOY_TOOLS)(
             expect(outcome(sshd, deployId(run))).toMatch(/^rolled-back generation=1 reason=the host came back on/);
         });
 
+        test("a panicking kernel after a system that has the boot guard: the old system's guard records the rollback, and the deploy says so", async () => {
+            const sshd = await host();
+            const first = await runDeploy(rebootEnv(sshd));
+            expect(first.code).toBe(0);
+            const second = path.join(sshd.hostDir, "profiles", "system-2-link");
+            const guarded = fs.realpathSync(second);
+            sshd.setBehaviour({ switchInhibitors: DBUS_BROKER, bootPanics: true });
+            const run = await runDeploy(rebootEnv(sshd));
+            expect(run.code).toBe(1);
+            expect(run.stderr).toMatch(/the new boot on 127\.0\.0\.1 port \d+ did not hold: the host is back on generation 2, booted/);
+            expect(outcome(sshd, deployId(run))).toMatch(/^rolled-back generation=2 reason=the host did not come up on generation 3 and booted \S+ \(GRUB's default\) instead$/);
+            expect(sshd.generation()).toBe(2);
+            expect(sshd.bootedSystem()).toBe(guarded);
+            expect(grubDefault(sshd)).toBe(guarded);
+            expect(fs.existsSync(path.join(sshd.stateDir, "pending-boot"))).toBe(false);
+        });
+
         test("a deploy that dies before asking for the reboot leaves the host as it was: the timer undoes the prepared boot", async () => {
             const sshd = await host();
             sshd.setBehaviour({ switchInhibitors: DBUS_BROKER });
