@@ -670,7 +670,14 @@ request_reboot() {
         </dev/null >/dev/null 2>"$WORK/reboot.err" || status=$?
     bounded_log 1024 <"$WORK/reboot.err" >&2
     case $status in
-    0 | "$SSH_FAILED") ;;
+    0) ;;
+    "$SSH_FAILED")
+        # The reboot cuts the session; a session that failed before the host said it reboots did not.
+        if ! grep -qF "] deploy $DEPLOY_ID: rebooting into generation" "$WORK/reboot.err"; then
+            fail "the request to reboot $WHERE did not reach the host (SSH failed: $(last_line "$WORK/reboot.err")); the host was not rebooted, and undoes the prepared boot within ${ROLLBACK_TIMEOUT}s: it keeps running $ROLLBACK_TARGET" \
+                "check the connection to the host, then run the deploy again"
+        fi
+        ;;
     *)
         fail "$WHERE did not reboot (remote exit status $status, see above); the prepared boot was undone or is undone within ${ROLLBACK_TIMEOUT}s, and the host runs $ROLLBACK_TARGET" \
             "$(host_log_hint)"

@@ -215,7 +215,13 @@ roll_back_unconfirmed_deploy() {
     [[ -n $PENDING_ID ]] || return 0
     read_pending_boot
     if [[ $PB_ID == "$PENDING_ID" && $PB_BOOT != "$(boot_id)" ]]; then
-        die "$EXIT_BUSY" "deploy $PB_ID booted generation $PB_GENERATION on trial and waits for its confirmation; unconfirmed, the host reboots into generation $PB_PREVIOUS within ${PB_WINDOW}s of that boot. Deploy again after that"
+        if [[ $(readlink -f "$RUN_DIR/booted-system" || true) == "$PB_SYSTEM" ]]; then
+            die "$EXIT_BUSY" "deploy $PB_ID booted generation $PB_GENERATION on trial and waits for its confirmation; unconfirmed, the host reboots into generation $PB_PREVIOUS within ${PB_WINDOW}s of that boot. Deploy again after that"
+        fi
+        # The trial boot did not come up (or the host was rebooted since), and the system booted
+        # had no boot guard to say so.
+        record_failed_trial "$(readlink -f "$RUN_DIR/booted-system" || true)"
+        return 0
     fi
     say "deploy $PENDING_ID was never confirmed; rolling it back before deploy $1"
     roll_back "$PENDING_ID" "$PENDING_GENERATION" "superseded by deploy $1 before it was confirmed" ||
@@ -315,6 +321,10 @@ arm_timer() {
     }
 }
 
+# What pre-switch-check.nix prints when the switch inhibitors (switchable-system.nix) refuse a
+# live switch; other pre-switch checks are failures, which a reboot would not cure.
+readonly INHIBITOR_REFUSAL="Pre-switch check 'switchInhibitors' failed"
+
 # nixos-rebuild switch = set the profile + switch-to-configuration (nixos-rebuild-ng runs the
 # latter under `systemd-run` and exits with its status). Doing the two steps here, inside this
 # script's own unit, puts them under the lock, the deadline and the armed rollback, and lets the
@@ -333,7 +343,7 @@ activate() {
     fi
     if ((status == SWITCH_NEEDS_REBOOT)); then
         REBOOT_REASON="switch-to-configuration exited 100: the new init needs a reboot to take effect"
-    elif ((status == 1)) && grep -q 'Pre-switch check' "$out" 2>/dev/null; then
+    elif ((status == 1)) && grep -qF "$INHIBITOR_REFUSAL" "$out" 2>/dev/null; then
         REBOOT_REASON="the pre-switch check refused a live switch (a critical component such as dbus changes; see above)"
     fi
     rm -f "$out"
@@ -406,10 +416,11 @@ needs_reboot() {
         return 0
     fi
     printf '%s\n' "$out"
-    if [[ $out == *"Pre-switch check"* ]]; then
+    if [[ $out == *"$INHIBITOR_REFUSAL"* ]]; then
         REBOOT_REASON="the pre-switch check refuses a live switch (a critical component such as dbus changes; see above)"
     else
-        # An older switch-to-configuration has no `check`: the live switch tells instead.
+        # Another pre-switch check failed (the live switch fails on it too and rolls back), or an
+        # older switch-to-configuration has no `check`: the live switch tells.
         say "switch-to-configuration check exited $status; trying the live switch"
     fi
 }
@@ -432,13 +443,36 @@ grub_entry_for() {
     return 1
 }
 
+# grub-editenv: the running system's, or the new one's (nix/modules/boot-guard.nix puts it in
+# sw/bin), or, later in a trial, the one recorded in pending-boot. GRUB's module leaves it off PATH
+# on EFI installs (grub.nix: grub = null for device "nodev"), so the stock aarch64 image has none.
+GRUB_EDITENV=""
+find_grub_editenv() {
+    local candidate
+    for candidate in "$(command -v grub-editenv || true)" "${NEW_SYSTEM:+$NEW_SYSTEM/sw/bin/grub-editenv}" "${PB_EDITENV:-}"; do
+        if [[ -n $candidate && -x $candidate ]]; then
+            GRUB_EDITENV=$candidate
+            return 0
+        fi
+    done
+    return 1
+}
+
+grub_editenv() {
+    if [[ -z $GRUB_EDITENV ]] && ! find_grub_editenv; then
+        say "error: no grub-editenv on this host"
+        return 1
+    fi
+    "$GRUB_EDITENV" "$GRUB_DIR/grubenv" "$@" 9>&-
+}
+
 # What a boot on trial needs from the host and the new system; checked before anything changes.
 check_trial_boot_possible() {
-    if [[ ! -f $GRUB_DIR/grub.cfg ]] || ! command -v grub-editenv >/dev/null; then
-        die "$EXIT_BAD_STATE" "no GRUB ($GRUB_DIR/grub.cfg) or no grub-editenv here, which a reboot's rollback needs; nothing was changed"
-    fi
     [[ -e $NEW_SYSTEM/etc/systemd/system/$BOOT_GUARD_UNIT ]] ||
         die "$EXIT_BAD_STATE" "the new system has no $BOOT_GUARD_UNIT (nix/modules/boot-guard.nix), which a reboot's rollback needs; nothing was changed"
+    if [[ ! -f $GRUB_DIR/grub.cfg ]] || ! find_grub_editenv; then
+        die "$EXIT_BAD_STATE" "no GRUB ($GRUB_DIR/grub.cfg) or no grub-editenv here, which a reboot's rollback needs; nothing was changed"
+    fi
 }
 
 # prepare_boot ID PREVIOUS SECONDS: makes the new system bootable ONCE and leaves the running
@@ -461,19 +495,19 @@ prepare_boot() {
         die "$EXIT_BAD_STATE" "installing the boot loader failed; the running system was not changed"
     entry=$(grub_entry_for "$generation") ||
         die "$EXIT_BAD_STATE" "$GRUB_DIR/grub.cfg lists no entry for generation $generation; the running system was not changed"
-    printf '%s %s %s %s %s %s\n' "$id" "$previous" "$generation" "$NEW_SYSTEM" "$(boot_id)" "$ROLLBACK_SECONDS" >"$PENDING_BOOT_FILE"
-    grub-editenv "$GRUB_DIR/grubenv" set "next_entry=$entry" 9>&- ||
+    printf '%s %s %s %s %s %s %s\n' "$id" "$previous" "$generation" "$NEW_SYSTEM" "$(boot_id)" "$ROLLBACK_SECONDS" "$GRUB_EDITENV" >"$PENDING_BOOT_FILE"
+    grub_editenv set "next_entry=$entry" ||
         die "$EXIT_BAD_STATE" "grub-editenv could not set the one-shot boot entry; the running system was not changed"
     record_outcome "$id" "rebooting generation=$generation"
     say "generation $generation ($entry) will be booted once; generation $previous stays the boot default until the new boot is confirmed"
 }
 
-# read_pending_boot: sets PB_ID PB_PREVIOUS PB_GENERATION PB_SYSTEM PB_BOOT PB_WINDOW (empty when
-# no deploy waits for a reboot).
+# read_pending_boot: sets PB_ID PB_PREVIOUS PB_GENERATION PB_SYSTEM PB_BOOT PB_WINDOW PB_EDITENV
+# (empty when no deploy waits for a reboot).
 read_pending_boot() {
-    PB_ID="" PB_PREVIOUS="" PB_GENERATION="" PB_SYSTEM="" PB_BOOT="" PB_WINDOW=""
+    PB_ID="" PB_PREVIOUS="" PB_GENERATION="" PB_SYSTEM="" PB_BOOT="" PB_WINDOW="" PB_EDITENV=""
     if [[ -s $PENDING_BOOT_FILE ]]; then
-        read -r PB_ID PB_PREVIOUS PB_GENERATION PB_SYSTEM PB_BOOT PB_WINDOW <"$PENDING_BOOT_FILE" || true
+        read -r PB_ID PB_PREVIOUS PB_GENERATION PB_SYSTEM PB_BOOT PB_WINDOW PB_EDITENV <"$PENDING_BOOT_FILE" || true
     fi
 }
 
@@ -494,7 +528,7 @@ undo_boot() {
     local id=$1 generation=$2 reason=$3
     say "undoing the prepared reboot: $reason"
     disarm "$id"
-    grub-editenv "$GRUB_DIR/grubenv" unset next_entry 9>&- || say "warning: could not clear GRUB's next_entry"
+    grub_editenv unset next_entry || say "warning: could not clear GRUB's next_entry"
     if ! nix-env -p "$SYSTEM_PROFILE" --switch-generation "$generation" 9>&- ||
         ! "$(system_of_generation "$generation")/bin/switch-to-configuration" boot 9>&-; then
         record_outcome "$id" "rollback-failed generation=$generation reason=$reason"
@@ -512,6 +546,8 @@ reboot_back() {
     local id=$1 generation=$2 reason=$3
     say "rolling back to generation $generation by a reboot: $reason"
     disarm "$id"
+    # GRUB clears it at boot, unless it cannot write its environment block (LVM, RAID, ...).
+    grub_editenv unset next_entry || say "warning: could not clear GRUB's next_entry"
     nix-env -p "$SYSTEM_PROFILE" --switch-generation "$generation" 9>&- || say "warning: nix-env could not switch $SYSTEM_PROFILE to generation $generation"
     "$(system_of_generation "$generation")/bin/switch-to-configuration" boot 9>&- || say "warning: reinstalling the boot loader for generation $generation failed; it should still be the default"
     forget_boot
@@ -786,20 +822,45 @@ rollback_body() {
 
 # At every boot (nixos-ec2-boot-guard.service, before sshd): a boot on trial arms its rollback;
 # a boot that is not the one a deploy waits for means the new system failed to come up.
+# record_failed_trial BOOTED: the boot a deploy waited for is not the one running.
+record_failed_trial() {
+    grub_editenv unset next_entry || say "warning: could not clear GRUB's next_entry"
+    forget_boot
+    note_rollback "$PB_ID" "$PB_PREVIOUS" "the host did not come up on generation $PB_GENERATION and booted ${1:-an unknown system} (GRUB's default) instead"
+    say "deploy $PB_ID: generation $PB_GENERATION did not come up; the host booted generation $PB_PREVIOUS again"
+}
+
 boot_guard_body() {
-    local current
+    local current old
     take_lock
-    read_pending_boot
-    [[ -n $PB_ID && $PB_BOOT != "$(boot_id)" ]] || return 0
     current=$(readlink -f "$RUN_DIR/current-system" || true)
-    if [[ $current == "$PB_SYSTEM" ]]; then
-        arm_timer "$PB_ID" "$PB_WINDOW"
-        record_outcome "$PB_ID" "booted generation=$PB_GENERATION"
-        say "deploy $PB_ID: booted generation $PB_GENERATION on trial; unless the deploy confirms it within ${PB_WINDOW}s, the host reboots into generation $PB_PREVIOUS"
-    else
+    read_pending_boot
+    if [[ -n $PB_ID && $PB_BOOT != "$(boot_id)" ]]; then
+        # GRUB clears the one-shot entry as it boots it, unless it cannot write its environment
+        # block; then every boot would try the new system again.
+        grub_editenv unset next_entry || say "warning: could not clear GRUB's next_entry"
+        if [[ $current == "$PB_SYSTEM" ]]; then
+            arm_timer "$PB_ID" "$PB_WINDOW"
+            record_outcome "$PB_ID" "booted generation=$PB_GENERATION"
+            say "deploy $PB_ID: booted generation $PB_GENERATION on trial; unless the deploy confirms it within ${PB_WINDOW}s, the host reboots into generation $PB_PREVIOUS"
+        else
+            record_failed_trial "$current"
+        fi
+        return 0
+    fi
+    # A live switch that was not confirmed before the host rebooted: GRUB's default is the new
+    # system, which booted with no timer. Not confirmed is rolled back, as the timer would have.
+    read_pending
+    [[ -n $PENDING_ID && -z $PB_ID ]] || return 0
+    old=$(system_of_generation "$PENDING_GENERATION")
+    if [[ $current == "$old" ]]; then
+        nix-env -p "$SYSTEM_PROFILE" --switch-generation "$PENDING_GENERATION" 9>&- || true
+        "$old/bin/switch-to-configuration" boot 9>&- || say "warning: reinstalling the boot loader for generation $PENDING_GENERATION failed"
         forget_boot
-        note_rollback "$PB_ID" "$PB_PREVIOUS" "the host did not come up on generation $PB_GENERATION and booted ${current:-an unknown system} (GRUB's default) instead"
-        say "deploy $PB_ID: generation $PB_GENERATION did not come up; the host booted generation $PB_PREVIOUS again"
+        note_rollback "$PENDING_ID" "$PENDING_GENERATION" "the host rebooted into generation $PENDING_GENERATION before deploy $PENDING_ID was confirmed"
+        say "deploy $PENDING_ID was not confirmed before the reboot; generation $PENDING_GENERATION runs and is the default again"
+    else
+        reboot_back "$PENDING_ID" "$PENDING_GENERATION" "the host rebooted before deploy $PENDING_ID was confirmed"
     fi
 }
 
@@ -813,6 +874,7 @@ reboot_body() {
     fi
     # The prepared boot is final now; the rollback of the trial boot is armed at that boot.
     systemctl stop "$(rollback_unit "$id").timer" >/dev/null 2>&1 || true
+    # nixos-deploy.sh looks for this line: a session that drops after it was the reboot.
     say "deploy $id: rebooting into generation $PB_GENERATION"
     if ! systemctl reboot 9>&-; then
         undo_boot "$id" "$PB_PREVIOUS" "systemctl reboot failed" || exit "$EXIT_ROLLBACK_FAILED"
@@ -924,9 +986,10 @@ main() {
     boot-guard)
         need_args 0 "$@"
         read_pending_boot
-        # Quiet when no deploy waits for a boot: this runs at every boot.
-        [[ -n $PB_ID ]] || exit 0
-        with_log "$(log_of "$PB_ID")" boot_guard_body
+        read_pending
+        # Quiet when no deploy waits for its confirmation: this runs at every boot.
+        [[ -n $PB_ID || -n $PENDING_ID ]] || exit 0
+        with_log "$(log_of "${PB_ID:-$PENDING_ID}")" boot_guard_body
         ;;
     rollback)
         need_args 1 "$@"

@@ -4,7 +4,7 @@
  * process and SSH connection dies, sshd comes back after a delay with a new boot ID and an empty
  * run/), its confirmation, and the rollbacks that survive the reboot.
  */
-import { spawn } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { DEPLOY_TOOLS, deployId, expectNoSecretLeft, stdoutLines, useHosts, waitFor } from "./support/deployTest";
@@ -257,6 +257,55 @@ describeWithTools(DEPLOY_TOOLS)(
             await waitFor("the prepared boot to be undone", () => fs.existsSync(path.join(sshd.stateDir, "deploys", id)) && outcome(sshd, id).startsWith("rolled-back"), 20_000);
             expect(outcome(sshd, id)).toBe(`rolled-back generation=1 reason=deploy ${id} did not reboot the host within 3s of preparing the boot`);
             await expectBackOnGeneration1(sshd, 0);
+        });
+
+        test("a trial boot that failed while no deploy waited does not block the next deploy (the old system has no guard)", async () => {
+            const sshd = await host();
+            sshd.setBehaviour({ switchInhibitors: DBUS_BROKER, bootPanics: true });
+            const first = await runDeploy(rebootEnv(sshd), { killWhen: (stderr) => stderr.includes("to come back with the same host key") });
+            expect(first.signal).toBe("SIGKILL");
+            await waitFor("the host to boot", () => sshd.boots() === 1, 20_000);
+            expect(fs.existsSync(path.join(sshd.stateDir, "pending-boot"))).toBe(true);
+            sshd.setBehaviour({});
+            const run = await runDeploy(rebootEnv(sshd));
+            expect(run.stderr).toContain(`deploy ${deployId(first)}: generation 2 did not come up; the host booted generation 1 again`);
+            expect(run.code).toBe(0);
+            expect(outcome(sshd, deployId(first))).toMatch(/^rolled-back generation=1 reason=the host did not come up on generation 2/);
+            expect(JSON.parse(stdoutLines(run)[0])).toEqual({ systemPath: sshd.systemPath(), generation: 3, rebooted: false });
+        });
+
+        test("a live switch that the host reboots before it is confirmed is rolled back at boot, and ends booted on the old generation", async () => {
+            const sshd = await host();
+            const run = await runDeploy(rebootEnv(sshd, { NIXOS_EC2_ROLLBACK_TIMEOUT_SECONDS: "120" }), {
+                killWhen: (stderr) => /\] switched to generation 2$/m.test(stderr),
+            });
+            expect(run.signal).toBe("SIGKILL");
+            await waitFor("the switch to end", () => fs.existsSync(path.join(sshd.stateDir, "deploys", deployId(run))) && outcome(sshd, deployId(run)).startsWith("switched"), 10_000);
+            // Someone reboots the host (the console, say) while the deploy is unconfirmed; GRUB's default is the new system.
+            execFileSync(path.join(sshd.hostDir, "bin", "systemctl"), ["reboot"]);
+            await expectBackOnGeneration1(sshd, 2);
+            expect(outcome(sshd, deployId(run))).toBe(`rolled-back generation=1 reason=the host rebooted before deploy ${deployId(run)} was confirmed`);
+        });
+
+        test("a pre-switch check other than the switch inhibitors fails the deploy instead of rebooting", async () => {
+            const sshd = await host();
+            sshd.setBehaviour({ preSwitchFails: true });
+            const run = await runDeploy(rebootEnv(sshd));
+            expect(run.code).toBe(1);
+            expect(run.stderr).toContain("switch-to-configuration check exited 1; trying the live switch");
+            expect(run.stderr).toContain("Pre-switch check 'siteSafetyPolicy' failed");
+            expect(run.stderr).toMatch(/switching 127\.0\.0\.1 port \d+ to #web failed and the host rolled back to generation 1/);
+            expect(run.stderr).not.toContain("needs a reboot");
+            expect(sshd.boots()).toBe(0);
+            expect(sshd.generation()).toBe(1);
+        });
+
+        test("where GRUB cannot clear the one-shot entry itself, the deploy does, so the rollback reboot boots the old generation", async () => {
+            const sshd = await host();
+            sshd.setBehaviour({ switchInhibitors: DBUS_BROKER, health: "503", grubenvReadonly: true });
+            const run = await runDeploy(rebootEnv(sshd));
+            expect(run.code).toBe(1);
+            await expectBackOnGeneration1(sshd, 2);
         });
 
         test("a new system without the boot guard is refused before anything changes", async () => {

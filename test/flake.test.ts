@@ -267,7 +267,7 @@ describeWithTools(["nix-instantiate"])("the flake in nix/ (nix-instantiate, stan
                 wantedBy: ["multi-user.target"],
                 before: ["sshd.service"],
                 path: ["nix", "systemd", grub, "coreutils", "util-linux"],
-                condition: `${stateDir}/pending-boot`,
+                condition: [`|${stateDir}/pending-boot`, `|${stateDir}/pending-rollback`],
                 execStart: `/bash/bin/bash ${stateDir}/bin/remote-switch.sh boot-guard`,
                 type: "oneshot",
             });

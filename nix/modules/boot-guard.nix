@@ -4,8 +4,9 @@
 # in the boot a deploy waits for, it arms the same rollback timer a live switch has, so a new
 # system that is not confirmed in time reboots into the previous generation by itself; in any
 # other boot after such a deploy (the new system panicked, or the host was rebooted from outside)
-# it records that the deploy was rolled back. The deploy refuses to reboot into a system that
-# lacks this unit.
+# it records that the deploy was rolled back. A live switch that was not confirmed when the host
+# rebooted is rolled back too (GRUB's default is then the unconfirmed system). The deploy refuses
+# to reboot into a system that lacks this unit.
 { config, pkgs, ... }:
 let
   # deploy/nixos-deploy.sh installs remote-switch.sh here (DEFAULT_STATE_DIR).
@@ -23,7 +24,12 @@ in
     wantedBy = [ "multi-user.target" ];
     # Armed before anyone can log in and confirm.
     before = [ "sshd.service" ];
-    unitConfig.ConditionPathExists = "${stateDir}/pending-boot";
+    # Only while a deploy waits for its confirmation: a boot on trial, or a live switch that the
+    # host rebooted before it was confirmed (which is then rolled back). "|": either will do.
+    unitConfig.ConditionFileNotEmpty = [
+      "|${stateDir}/pending-boot"
+      "|${stateDir}/pending-rollback"
+    ];
     path = [
       config.nix.package
       config.systemd.package

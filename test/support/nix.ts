@@ -221,7 +221,7 @@ export async function evalFlakeSystems(nixDir: string = NIX_DIR): Promise<Record
 /** What nix/modules/boot-guard.nix defines, evaluated on its own for one platform. */
 export interface BootGuard {
     readonly systemPackages: string[];
-    readonly services: Record<string, { wantedBy: string[]; before: string[]; path: string[]; condition: string; execStart: string; type: string }>;
+    readonly services: Record<string, { wantedBy: string[]; before: string[]; path: string[]; condition: string[]; execStart: string; type: string }>;
 }
 
 export async function evalBootGuard(aarch64: boolean, nixDir: string = NIX_DIR): Promise<BootGuard> {
@@ -239,7 +239,7 @@ export async function evalBootGuard(aarch64: boolean, nixDir: string = NIX_DIR):
           systemPackages = result.environment.systemPackages;
           services = builtins.mapAttrs (name: s: {
             inherit (s) wantedBy before path;
-            condition = s.unitConfig.ConditionPathExists;
+            condition = s.unitConfig.ConditionFileNotEmpty;
             execStart = s.serviceConfig.ExecStart;
             type = s.serviceConfig.Type;
           }) result.systemd.services;

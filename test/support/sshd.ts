@@ -21,6 +21,7 @@ const REPO = path.resolve(__dirname, "..", "..");
 export const DEPLOY_SCRIPT = path.join(REPO, "deploy", "nixos-deploy.sh");
 const HOST_BIN = path.join(REPO, "test", "fixtures", "host-bin");
 const FAKE_SWITCH = path.join(REPO, "test", "fixtures", "fake-system", "switch-to-configuration");
+const FAKE_GRUB_EDITENV = path.join(REPO, "test", "fixtures", "fake-system", "grub-editenv");
 /** The two halves of a reboot: host-bin/systemctl runs power-off; this module runs firmware-boot. */
 const REBOOT_FIXTURES = ["power-off", "firmware-boot"].map((name) => path.join(REPO, "test", "fixtures", name));
 const INITIAL_SYSTEM = "00000000000000000000000000000000-nixos-system-initial";
@@ -85,6 +86,10 @@ export interface HostBehaviour {
     noBootGuard?: boolean;
     /** The build is not a NixOS system (no nixos-version file). */
     notNixos?: boolean;
+    /** A pre-switch check other than the switch inhibitors fails (a site policy, say). */
+    preSwitchFails?: boolean;
+    /** GRUB cannot write its environment block (as on LVM or RAID), so it never clears next_entry. */
+    grubenvReadonly?: boolean;
     /** The units a degraded new system lists as failed, each with its last log line (journalctl). */
     failedUnits?: Array<{ unit: string; log: string }>;
 }
@@ -187,7 +192,7 @@ function makeHost(hostDir: string, adminPublicKey: string): void {
         fs.chmodSync(path.join(hostDir, "bin", name), 0o755);
     }
     fs.copyFileSync(FAKE_SWITCH, path.join(hostDir, "fixtures", "switch-to-configuration"));
-    for (const fixture of REBOOT_FIXTURES) {
+    for (const fixture of [...REBOOT_FIXTURES, FAKE_GRUB_EDITENV]) {
         fs.copyFileSync(fixture, path.join(hostDir, "fixtures", path.basename(fixture)));
     }
     fs.writeFileSync(path.join(hostDir, "admin.pub"), adminPublicKey);
@@ -221,7 +226,8 @@ function makeHost(hostDir: string, adminPublicKey: string): void {
 /** The environment of the fake host's sessions and units. */
 function hostEnvironment(o: { hostDir: string; healthUrl?: string; progressSeconds?: number }): Record<string, string> {
     const env: Record<string, string> = {
-        PATH: `${path.join(o.hostDir, "bin")}:/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin`,
+        // NixOS puts the running system's packages on PATH through /run/current-system/sw/bin.
+        PATH: `${path.join(o.hostDir, "bin")}:${path.join(o.hostDir, "run", "current-system", "sw", "bin")}:/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin`,
         NIXOS_EC2_STATE_DIR: path.join(o.hostDir, "state"),
         NIXOS_EC2_SYSTEM_PROFILE: path.join(o.hostDir, "profiles", "system"),
         NIXOS_EC2_RUN_DIR: path.join(o.hostDir, "run"),
@@ -410,6 +416,8 @@ export async function startSshd(options: SshdOptions = {}): Promise<TestSshd> {
             writeControl(hostDir, "old-switch", b.oldSwitch);
             writeControl(hostDir, "no-boot-guard", b.noBootGuard);
             writeControl(hostDir, "not-nixos", b.notNixos);
+            writeControl(hostDir, "grubenv-readonly", b.grubenvReadonly);
+            writeControl(hostDir, "pre-switch-fails", b.preSwitchFails);
             writeControl(hostDir, "failed-units", b.failedUnits?.map(({ unit, log }) => `${unit} ${log}\n`).join(""));
         },
         calls(): string[] {
