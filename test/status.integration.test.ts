@@ -294,6 +294,14 @@ describeWithTools([...DEPLOY_TOOLS, "bash", "find", "df", "script", "shellcheck"
             expect(run.stdout).toMatch(/1 in sync; exit status 0\.\n$/);
         });
 
+        it("is 0 with a TMPDIR that holds a space and a %, which ssh would split or expand", async () => {
+            const odd = path.join(tmp, "a b%h");
+            fs.mkdirSync(odd);
+            const run = await status(["good"], { TMPDIR: odd });
+            expect([run.status, run.stderr, fs.readdirSync(odd)]).toEqual([0, "", []]);
+            fs.rmdirSync(odd);
+        });
+
         it("is 1 when a host drifted and none is unreachable", async () => {
             const run = await status(["drift", "--json"]);
             expect([run.status, json(run).hosts["by-hand"].kind]).toEqual([1, "drifted"]);
