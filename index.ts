@@ -5,6 +5,7 @@ import { NixosDeployment } from "./components/nixosDeployment";
 import { SshKeys } from "./components/sshKeys";
 import { StateStore } from "./components/stateStore";
 import { readSettings } from "./lib/readSettings";
+import { rolloutPlan } from "./lib/rollout";
 import { stackTags } from "./lib/tags";
 
 // Every configuration error is reported here, before any resource is registered.
@@ -22,55 +23,72 @@ const firewall = new Firewall("hosts", {
 
 const keys = new SshKeys("ssh", { hostNames: settings.hosts.map((h) => h.name), tags });
 
-const fleet = settings.hosts.map((host) => {
-    const server = new NixosHost(host.name, {
-        stack: settings.stack,
-        hostName: host.name,
-        instanceType: host.instanceType,
-        rootVolumeGiB: host.rootVolumeGiB,
-        architecture: host.architecture,
-        imageGeneration: host.imageGeneration,
-        nixosRelease: settings.nixosRelease,
-        ami: settings.ami,
-        securityGroupId: firewall.securityGroupId,
-        subnetId: settings.subnetId,
-        keyName: keys.keyPairName,
-        hostPrivateKey: keys.hostKeys[host.name].privateKey,
-        hostPublicKey: keys.hostKeys[host.name].publicKey,
-        elasticIp: settings.elasticIp,
-        terminationProtection: settings.terminationProtection,
-        tags,
-    });
-    const deployment = new NixosDeployment(host.name, {
-        flakeAttr: host.flakeAttr,
-        instanceId: server.instanceId,
-        host: server.publicIp,
-        user: ADMIN_USER,
-        sshPrivateKey: keys.adminPrivateKey,
-        hostPublicKey: server.hostPublicKey,
-        settings: settings.deploy,
-        rebootPolicy: host.rebootPolicy,
-    });
-    return { host, server, deployment };
-});
+const servers = Object.fromEntries(
+    settings.hosts.map((host) => [
+        host.name,
+        new NixosHost(host.name, {
+            stack: settings.stack,
+            hostName: host.name,
+            instanceType: host.instanceType,
+            rootVolumeGiB: host.rootVolumeGiB,
+            architecture: host.architecture,
+            imageGeneration: host.imageGeneration,
+            nixosRelease: settings.nixosRelease,
+            ami: settings.ami,
+            securityGroupId: firewall.securityGroupId,
+            subnetId: settings.subnetId,
+            keyName: keys.keyPairName,
+            hostPrivateKey: keys.hostKeys[host.name].privateKey,
+            hostPublicKey: keys.hostKeys[host.name].publicKey,
+            elasticIp: settings.elasticIp,
+            terminationProtection: settings.terminationProtection,
+            tags,
+        }),
+    ]),
+);
 
-export const hosts = Object.fromEntries(
-    fleet.map(({ host, server, deployment }) => [
+// The plan lists each rollout canary before the hosts whose deploys wait for it.
+const deployments: Record<string, NixosDeployment> = {};
+for (const { host, canaryFor, afterCanary } of rolloutPlan(settings.hosts, settings.rollout)) {
+    const server = servers[host.name];
+    deployments[host.name] = new NixosDeployment(
         host.name,
         {
             flakeAttr: host.flakeAttr,
-            instanceType: host.instanceType,
             instanceId: server.instanceId,
-            publicIp: server.publicIp,
-            publicDns: server.publicDns,
-            url: server.url,
-            sshCommand: server.sshCommand,
+            host: server.publicIp,
+            user: ADMIN_USER,
+            sshPrivateKey: keys.adminPrivateKey,
             hostPublicKey: server.hostPublicKey,
-            systemPath: deployment.systemPath,
-            generation: deployment.generation,
-            rebooted: deployment.rebooted,
+            settings: settings.deploy,
+            rebootPolicy: host.rebootPolicy,
+            canaryFor,
+            afterCanary,
         },
-    ]),
+        { dependsOn: afterCanary === undefined ? [] : [deployments[afterCanary]] },
+    );
+}
+
+export const hosts = Object.fromEntries(
+    settings.hosts.map((host) => {
+        const [server, deployment] = [servers[host.name], deployments[host.name]];
+        return [
+            host.name,
+            {
+                flakeAttr: host.flakeAttr,
+                instanceType: host.instanceType,
+                instanceId: server.instanceId,
+                publicIp: server.publicIp,
+                publicDns: server.publicDns,
+                url: server.url,
+                sshCommand: server.sshCommand,
+                hostPublicKey: server.hostPublicKey,
+                systemPath: deployment.systemPath,
+                generation: deployment.generation,
+                rebooted: deployment.rebooted,
+            },
+        ];
+    }),
 );
 export const backendUrl = stateStore.backendUrl;
 export const secretsProvider = stateStore.secretsProvider;

@@ -29,6 +29,13 @@ export interface NixosDeploymentArgs {
     readonly rebootPolicy: RebootPolicy;
     /** The flake directory to hash; defaults to nix/ of the project. */
     readonly flakeDir?: string;
+    /** Rollout canary: the hosts of the same flakeAttr whose deploys start only after this one confirmed. */
+    readonly canaryFor?: string[];
+    /**
+     * Rollout canary: the host of the same flakeAttr that deploys first. This deploy starts only after
+     * that one confirmed, and not at all if it failed; that host's NixosDeployment goes in `opts.dependsOn`.
+     */
+    readonly afterCanary?: string;
 }
 
 export interface DeployResult {
@@ -77,7 +84,11 @@ function flakeHashOnce(dir: string): string {
     return hash;
 }
 
-/** Switches one host to its flake configuration whenever the flake, the host or its key changes. */
+/**
+ * Switches one host to its flake configuration whenever the flake, the host or its key changes.
+ * What the component depends on (`opts.dependsOn`, a rollout's canary) the deploy itself waits
+ * for: a component's own dependencies do not hold back its children.
+ */
 export class NixosDeployment extends pulumi.ComponentResource {
     /** SHA-256 of the flake directory the host was switched to. */
     public readonly flakeHash: string;
@@ -114,7 +125,8 @@ export class NixosDeployment extends pulumi.ComponentResource {
                     NIXOS_EC2_REBOOT_POLICY: args.rebootPolicy,
                 },
             },
-            { parent: this },
+            // Dependencies are not inputs: adding or removing a canary re-runs no deploy.
+            { parent: this, dependsOn: opts?.dependsOn },
         );
 
         const result = command.stdout.apply(parseDeployResult);

@@ -115,6 +115,10 @@ const imageGeneration = declare({
     schema: (bad) => wholeNumber(bad, 0, MAX_IMAGE_GENERATION),
 });
 
+/** How the deploys of the hosts of one flakeAttr are staged (README "Staged rollouts"). */
+export const ROLLOUTS = ["parallel", "canary"] as const;
+export type Rollout = (typeof ROLLOUTS)[number];
+
 /** What `hosts.<name>` may set: some stack-wide keys for one host, and the host's own. */
 export const HOST_KEYS = { instanceType, rootVolumeGiB, rebootPolicy, flakeAttr, imageGeneration } satisfies Record<string, KeyDeclaration>;
 
@@ -232,6 +236,16 @@ export const KEYS = {
         description: 'Count a switch that leaves failed systemd units (exit 4, "degraded") as a success.',
         schema: trueOrFalse,
     }),
+    rollout: declare({
+        type: "string",
+        default: "parallel",
+        stackDefaults: { [PRODUCTION_STACK]: "canary" },
+        allowed: ROLLOUTS.join(", "),
+        description:
+            "How a flake change reaches the hosts of one flakeAttr. parallel: every host deploys at once. canary: the first of them by name deploys first, " +
+            "and the others start only after it confirmed; if it fails they are not touched. A flakeAttr with one host is the same either way.",
+        schema: (bad) => z.enum(ROLLOUTS, bad("is not a rollout")),
+    }),
 } satisfies Record<string, KeyDeclaration>;
 
 export type KeyName = keyof typeof KEYS;
@@ -264,7 +278,7 @@ export interface DeploySettings {
 }
 
 /** What the program reads: the keys' values, arranged for the components. */
-export interface Settings extends Pick<Values, "nixosRelease" | "ami" | "elasticIp" | "terminationProtection" | "vpcId" | "subnetId"> {
+export interface Settings extends Pick<Values, "nixosRelease" | "ami" | "elasticIp" | "terminationProtection" | "vpcId" | "subnetId" | "rollout"> {
     readonly stack: string;
     readonly region: string;
     /** Canonical network CIDRs. */
@@ -501,6 +515,7 @@ export function parseSettings(stack: string, config: FullConfig, network: Networ
         terminationProtection: v.terminationProtection,
         vpcId: v.vpcId,
         subnetId: v.subnetId,
+        rollout: v.rollout,
         publicTcpPorts: network.publicTcpPorts,
         hosts: hostsOf(stack, v),
         deploy: {

@@ -56,6 +56,7 @@ describe("parseSettings", () => {
             terminationProtection: false,
             vpcId: undefined,
             subnetId: undefined,
+            rollout: "parallel",
             publicTcpPorts: [80, 443],
             hosts: [
                 {

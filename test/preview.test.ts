@@ -263,6 +263,26 @@ describe("--config overrides", () => {
         ]);
     });
 
+    it("show a canary rollout: the deploys of a flakeAttr's other hosts after its first, in text and JSON", () => {
+        const hosts = 'hosts={"web-b":{"flakeAttr":"web"},"web-a":{"flakeAttr":"web"},"db":{}}';
+        const text = ok("prod", "--config", hosts);
+        expect(text).toContain(
+            "\nDeploy order (nixos-ec2:rollout): a deploy starts once the deploys it waits for have confirmed:\n" +
+                "  at once: db-switch, web-a-switch\n" +
+                "  after web-a-switch: web-b-switch\n",
+        );
+        expect(text).toMatch(/\n└─ command:local:Command web-b-switch\n[\s\S]*?\(depends on: Command web-a-switch, /);
+        const report = json("prod", "--config", hosts);
+        expect(report.deployOrder).toEqual([
+            { after: [], deploys: ["db-switch", "web-a-switch"] },
+            { after: ["web-a-switch"], deploys: ["web-b-switch"] },
+        ]);
+        expect(node(report, "nixos-ec2:index:NixosDeployment", "web-a").inputs.canaryFor).toEqual(["web-b"]);
+        expect(node(report, "nixos-ec2:index:NixosDeployment", "web-b").inputs.afterCanary).toBe("web-a");
+        const parallel = json("prod", "--config", hosts, "--config", "rollout=parallel");
+        expect(parallel.deployOrder).toEqual([{ after: [], deploys: ["db-switch", "web-a-switch", "web-b-switch"] }]);
+    });
+
     it("that name real SSH networks leave stderr empty: the warnings are only about the documentation ranges", () => {
         for (const stack of ["staging", "prod"]) {
             const r = preview(stack, "--config", 'sshAllowedCidrs=["81.2.69.0/24", "2a02:8010::/32"]');

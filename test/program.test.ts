@@ -121,7 +121,7 @@ describe("secrets", () => {
 });
 
 describe("a fleet", () => {
-    it("has hosts that depend on the shared firewall and keys but never on each other", async () => {
+    it("has hosts that depend on the shared firewall and keys but never on each other (rollout: parallel)", async () => {
         const names = ["web", "db", "cache"];
         const run = await runProgram("staging", { hosts: JSON.stringify(Object.fromEntries(names.map((n) => [n, {}]))) });
         const urnsOf = (host: string) => {

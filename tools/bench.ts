@@ -16,6 +16,8 @@
  *   that grows with the square of the hosts gives about 5.5).
  * - memory: peak RSS of the 50-host preview (process.resourceUsage().maxRSS, via the probe).
  * - deploy: tools/bench-deploy.ts's script-to-floor ratio, when that file and sshd are present.
+ * - status: tools/bench-status.ts, `npm run status` of 20 loopback hosts against one host, in the
+ *   same rounds. Target: at most 1.5.
  */
 import { spawnSync } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
@@ -24,17 +26,19 @@ import * as path from "node:path";
 import { PROJECT_DIR } from "../lib/stacks";
 import { previewNodeArgs } from "./previewCommand";
 
-const TARGETS = { previewRatio: 1.3, fleetRatio: 2, perHostGrowth: 1.5, deployRatio: 1.5 };
+const TARGETS = { previewRatio: 1.3, fleetRatio: 2, perHostGrowth: 1.5, deployRatio: 1.5, statusRatio: 1.5 };
 const FLEET_SIZES = [1, 10, 50] as const;
 const PROBE = path.join(PROJECT_DIR, "tools", "benchProbe.js");
 const FLOOR = path.join(PROJECT_DIR, "tools", "benchFloor.js");
 const DEPLOY_BENCH = path.join(PROJECT_DIR, "tools", "bench-deploy.ts");
+const STATUS_BENCH = path.join(PROJECT_DIR, "tools", "bench-status.ts");
 
-const USAGE = `usage: npm run bench -- [--runs N] [--fleet-runs N] [--rss-runs N] [--deploy-runs N] [--json]
+const USAGE = `usage: npm run bench -- [--runs N] [--fleet-runs N] [--rss-runs N] [--deploy-runs N] [--status-runs N] [--json]
   --runs N         rounds of the preview-vs-floor comparison (default 10)
   --fleet-runs N   rounds of the 1/10/50-host comparison (default 5)
   --rss-runs N     runs of the 50-host preview for peak memory (default 3)
   --deploy-runs N  runs handed to tools/bench-deploy.ts (default 10)
+  --status-runs N  rounds of the 20-host-vs-1 status comparison (default 10)
   --json           print the results as one JSON document
 `;
 
@@ -43,16 +47,18 @@ interface Options {
     fleetRuns: number;
     rssRuns: number;
     deployRuns: number;
+    statusRuns: number;
     json: boolean;
 }
 
 function parseArgs(argv: readonly string[]): Options {
-    const options: Options = { runs: 10, fleetRuns: 5, rssRuns: 3, deployRuns: 10, json: false };
+    const options: Options = { runs: 10, fleetRuns: 5, rssRuns: 3, deployRuns: 10, statusRuns: 10, json: false };
     const counts: Record<string, keyof Omit<Options, "json">> = {
         "--runs": "runs",
         "--fleet-runs": "fleetRuns",
         "--rss-runs": "rssRuns",
         "--deploy-runs": "deployRuns",
+        "--status-runs": "statusRuns",
     };
     for (let i = 0; i < argv.length; i++) {
         const [flag, inline] = argv[i].split(/=(.*)/s, 2);
@@ -163,6 +169,22 @@ async function benchDeployIfPresent(runs: number): Promise<DeployResult> {
     }
 }
 
+type StatusResult =
+    | { available: true; rounds: number; hosts: number; fleetMedianMs: number; oneMedianMs: number; ratio: Verdict; fleetSamples: number[]; oneSamples: number[] }
+    | { available: false; reason: string };
+
+async function benchStatusIfPossible(rounds: number): Promise<StatusResult> {
+    if (!haveSshd()) return { available: false, reason: "sshd is not installed (Debian: openssh-server)" };
+    try {
+        // eslint-disable-next-line @typescript-eslint/no-require-imports
+        const { benchStatus } = require(STATUS_BENCH) as typeof import("./bench-status");
+        const r = await benchStatus(rounds);
+        return { available: true, ...r, ratio: verdict(r.ratio, TARGETS.statusRatio) };
+    } catch (e) {
+        return { available: false, reason: `tools/bench-status.ts failed: ${(e instanceof Error ? e.message : String(e)).split("\n")[0]}` };
+    }
+}
+
 export interface BenchResult {
     machine: { cores: number; cpu: string; node: string; platform: string; memoryGiB: number; loadAverage1m: number };
     command: string;
@@ -178,6 +200,7 @@ export interface BenchResult {
     };
     memory: { runs: number; maxRssMiB50Hosts: number; maxRssMiBFloor: number };
     deploy: DeployResult;
+    status: StatusResult;
 }
 
 async function bench(options: Options): Promise<BenchResult> {
@@ -224,6 +247,9 @@ async function bench(options: Options): Promise<BenchResult> {
         log("deploy script (tools/bench-deploy.ts)");
         const deploy = await benchDeployIfPresent(options.deployRuns);
 
+        log(`status of 20 hosts vs 1, ${options.statusRuns} rounds (tools/bench-status.ts)`);
+        const status = await benchStatusIfPossible(options.statusRuns);
+
         return {
             machine,
             command: `npm run bench${process.argv.length > 2 ? ` -- ${process.argv.slice(2).join(" ")}` : ""}`,
@@ -247,6 +273,7 @@ async function bench(options: Options): Promise<BenchResult> {
             },
             memory: { runs: options.rssRuns, maxRssMiB50Hosts: median(rss50) / 1024, maxRssMiBFloor: median(rssFloor) / 1024 },
             deploy,
+            status,
         };
     } finally {
         rmSync(tmp, { recursive: true, force: true });
@@ -273,6 +300,9 @@ function renderTable(r: BenchResult): string {
         r.deploy.available
             ? ["deploy script", ms(r.deploy.scriptMedianMs), `2 x ssh ${ms(r.deploy.floorMedianMs)}`, r.deploy.ratio.value.toFixed(2), `< ${r.deploy.ratio.target}`, result(r.deploy.ratio)]
             : ["deploy script", "not available", "", "", "", r.deploy.reason],
+        r.status.available
+            ? [`status, ${r.status.hosts} hosts vs 1`, ms(r.status.fleetMedianMs), `1 host ${ms(r.status.oneMedianMs)}`, r.status.ratio.value.toFixed(2), `<= ${r.status.ratio.target}`, result(r.status.ratio)]
+            : ["status, 20 hosts vs 1", "not available", "", "", "", r.status.reason],
     ];
     const widths = rows[0].map((_, c) => Math.max(...rows.map((row) => (c === 5 ? 0 : row[c].length))));
     const line = (row: string[]) => row.map((cell, c) => (c === 5 ? cell : cell.padEnd(widths[c]))).join("  ").trimEnd();
@@ -280,7 +310,7 @@ function renderTable(r: BenchResult): string {
     return [
         `Machine: ${m.cores} cores (${m.cpu}), ${m.memoryGiB} GiB, Node ${m.node}, ${m.platform}; load average ${m.loadAverage1m} at start`,
         `Command: ${r.command}`,
-        `Medians of ${r.preview.runs} rounds (preview), ${r.fleet.runs} (fleet), ${r.memory.runs} (memory); ratios are medians of per-round ratios.`,
+        `Medians of ${r.preview.runs} rounds (preview), ${r.fleet.runs} (fleet), ${r.memory.runs} (memory), ${r.status.available ? r.status.rounds : 0} (status); ratios are medians of per-round ratios.`,
         `Floor: node loading the ${r.preview.sdkModules} Pulumi SDK files the preview loads, and nothing else.`,
         "",
         line(rows[0]),

@@ -53,6 +53,14 @@ export interface PreviewReport {
     readonly componentTotal: number;
     /** The policy pack's rules (policy/rules.ts) against these resources. */
     readonly policy: PolicyResult;
+    /** The deploys (`command:local:Command`) grouped by the deploys they wait for (nixos-ec2:rollout). */
+    readonly deployOrder: DeployStage[];
+}
+
+export interface DeployStage {
+    /** Deploys that must have confirmed first; empty for the ones that start at once. */
+    readonly after: string[];
+    readonly deploys: string[];
 }
 
 /** Byte order, not locale order: the same on every machine. */
@@ -133,6 +141,8 @@ export function buildReport(run: OfflineRun, overrides: string[], policy: Policy
     }
     const dataSources = [...lookups.entries()].sort(([a], [b]) => compare(a, b)).map(([, d]) => d);
 
+    const deployOrder = deployStages(run);
+
     const resourceCounts: Record<string, number> = {};
     for (const type of run.resources.map((r) => r.type).sort(compare)) resourceCounts[type] = (resourceCounts[type] ?? 0) + 1;
 
@@ -151,7 +161,25 @@ export function buildReport(run: OfflineRun, overrides: string[], policy: Policy
         resourceTotal: run.resources.length,
         componentTotal: run.resources.filter((r) => !r.custom).length,
         policy,
+        deployOrder,
     };
+}
+
+const DEPLOY_TYPE = "command:local:Command";
+
+/** The deploys by what they wait for: first those that start at once, then by the deploys awaited. */
+function deployStages(run: OfflineRun): DeployStage[] {
+    const deploys = run.resources.filter((r) => r.type === DEPLOY_TYPE);
+    const nameOf = new Map(deploys.map((r) => [r.urn, r.name]));
+    const stages = new Map<string, DeployStage>();
+    for (const d of [...deploys].sort((a, b) => compare(a.name, b.name))) {
+        const after = d.dependencies.flatMap((urn) => nameOf.get(urn) ?? []).sort(compare);
+        const key = JSON.stringify(after);
+        const stage = stages.get(key) ?? { after, deploys: [] };
+        stage.deploys.push(d.name);
+        stages.set(key, stage);
+    }
+    return [...stages.values()].sort((a, b) => a.after.length - b.after.length || compare(a.after.join(), b.after.join()));
 }
 
 // ---- text ----
@@ -274,6 +302,12 @@ export function renderText(report: PreviewReport): string {
 
     lines.push("", `Resources that \`pulumi up\` would create (${report.resourceTotal}), each component with its children:`);
     for (const top of report.resources) lines.push("", ...treeLines(top, "", "", ""));
+
+    lines.push("", "Deploy order (nixos-ec2:rollout): a deploy starts once the deploys it waits for have confirmed:");
+    for (const stage of report.deployOrder) {
+        const when = stage.after.length === 0 ? "at once" : `after ${stage.after.join(", ")}`;
+        lines.push(`  ${when}: ${stage.deploys.join(", ")}`);
+    }
 
     if (report.dataSources.length > 0) {
         lines.push("", "Data sources looked up at deploy:");

@@ -92,6 +92,25 @@ export interface HostBehaviour {
     grubenvReadonly?: boolean;
     /** The units a degraded new system lists as failed, each with its last log line (journalctl). */
     failedUnits?: Array<{ unit: string; log: string }>;
+    /** The new system's kernel version: its kernel, initrd and modules differ from the image's, so a live switch leaves a reboot due. */
+    kernel?: string;
+}
+
+/** An admin key pair; a stack has one for all its hosts (SshdOptions.adminKey). */
+export interface AdminKey {
+    readonly privateKey: string;
+    readonly publicKey: string;
+}
+
+/** A fresh admin key pair, with no copy left on disk: the deploy gets the key from its environment only. */
+export function adminKeyPair(): AdminKey {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "admin-key-"));
+    try {
+        keygen(path.join(dir, "admin"), "test-admin");
+        return { privateKey: fs.readFileSync(path.join(dir, "admin"), "utf8"), publicKey: fs.readFileSync(path.join(dir, "admin.pub"), "utf8") };
+    } finally {
+        fs.rmSync(dir, { recursive: true, force: true });
+    }
 }
 
 export interface SshdOptions {
@@ -103,6 +122,8 @@ export interface SshdOptions {
     progressSeconds?: number;
     /** How long the host stays down when it reboots (default 500 ms). */
     rebootDelayMs?: number;
+    /** The admin key the host accepts; a fresh one by default. */
+    adminKey?: AdminKey;
 }
 
 export interface TestSshd {
@@ -301,12 +322,10 @@ export async function startSshd(options: SshdOptions = {}): Promise<TestSshd> {
     const user = os.userInfo().username;
     fs.mkdirSync(localTmp);
     keygen(path.join(dir, "ssh_host_ed25519_key"), "test-host");
-    keygen(path.join(dir, "admin"), "test-admin");
     const hostPublicKey = fs.readFileSync(path.join(dir, "ssh_host_ed25519_key.pub"), "utf8").trim();
-    const adminPrivateKey = fs.readFileSync(path.join(dir, "admin"), "utf8");
-    // The deploy gets the key from its environment only; no copy stays on disk.
-    fs.rmSync(path.join(dir, "admin"));
-    makeHost(hostDir, fs.readFileSync(path.join(dir, "admin.pub"), "utf8"));
+    const admin = options.adminKey ?? adminKeyPair();
+    const adminPrivateKey = admin.privateKey;
+    makeHost(hostDir, admin.publicKey);
     makeFlake(flakeDir);
 
     const port = await freePort();
@@ -419,6 +438,7 @@ export async function startSshd(options: SshdOptions = {}): Promise<TestSshd> {
             writeControl(hostDir, "grubenv-readonly", b.grubenvReadonly);
             writeControl(hostDir, "pre-switch-fails", b.preSwitchFails);
             writeControl(hostDir, "failed-units", b.failedUnits?.map(({ unit, log }) => `${unit} ${log}\n`).join(""));
+            writeControl(hostDir, "kernel", b.kernel);
         },
         calls(): string[] {
             return readOr(path.join(hostDir, "calls.log"), "")

@@ -1,0 +1,214 @@
+/**
+ * What `npm run status` prints: a table for a person, readable in 80 columns (colour only on a
+ * terminal, never with NO_COLOR), with the details of every host that is not in sync below it;
+ * or one JSON document. Neither holds anything secret: only what the stack outputs say in plain
+ * (addresses, public keys, store paths) and what the hosts reported.
+ */
+import type { HostFacts, Probe, Unreachable } from "./statusProbe";
+import { Deployed, Verdict, VERDICT_KINDS, VerdictKind } from "./statusVerdict";
+
+export interface HostStatus {
+    readonly name: string;
+    readonly flakeAttr: string;
+    readonly ssh?: { readonly user: string; readonly address: string; readonly port: number };
+    readonly deployed: Deployed;
+    readonly probe: Probe;
+    readonly verdict: Verdict;
+    /** URN of the host's deploy Command, for `pulumi up --replace`. */
+    readonly deployUrn: string;
+    readonly next: string[];
+}
+
+export interface StatusReport {
+    readonly stack: string;
+    /** ISO time at which the check started. */
+    readonly checkedAt: string;
+    readonly deadlineSeconds: number;
+    readonly exitStatus: 0 | 1 | 2;
+    /** By name. */
+    readonly hosts: readonly HostStatus[];
+}
+
+/** How many hosts got each verdict, in VERDICT_KINDS order, without the ones nobody got. */
+export function counts(report: StatusReport): Array<[VerdictKind, number]> {
+    return VERDICT_KINDS.map((k): [VerdictKind, number] => [k, report.hosts.filter((h) => h.verdict.kind === k).length]).filter(([, n]) => n > 0);
+}
+
+const LABEL: Record<VerdictKind, string> = {
+    "in-sync": "in sync",
+    deploying: "deploying",
+    "rolled-back": "rolled back",
+    drifted: "drifted",
+    unhealthy: "unhealthy",
+    "needs-reboot": "needs reboot",
+    unreachable: "unreachable",
+};
+
+// ---- JSON ----
+
+interface HostJson {
+    verdict: string;
+    kind: VerdictKind;
+    why: string[];
+    reachable: boolean;
+    unreachable: Unreachable | null;
+    flakeAttr: string;
+    ssh: HostStatus["ssh"] | null;
+    deployed: { systemPath: string | null; generation: number | null };
+    host: HostFacts | null;
+    deployUrn: string;
+    next: string[];
+}
+
+export function renderJson(report: StatusReport): string {
+    const hosts: Record<string, HostJson> = {};
+    for (const h of report.hosts) {
+        hosts[h.name] = {
+            verdict: h.verdict.text,
+            kind: h.verdict.kind,
+            why: h.verdict.why,
+            reachable: h.probe.reachable,
+            unreachable: h.probe.reachable ? null : h.probe.why,
+            flakeAttr: h.flakeAttr,
+            ssh: h.ssh ?? null,
+            deployed: { systemPath: h.deployed.systemPath ?? null, generation: h.deployed.generation ?? null },
+            host: h.probe.reachable ? h.probe.facts : null,
+            deployUrn: h.deployUrn,
+            next: h.next,
+        };
+    }
+    const document = {
+        stack: report.stack,
+        checkedAt: report.checkedAt,
+        deadlineSeconds: report.deadlineSeconds,
+        exitStatus: report.exitStatus,
+        summary: Object.fromEntries([["hosts", report.hosts.length], ...counts(report)]),
+        hosts,
+    };
+    return `${JSON.stringify(document, null, 2)}\n`;
+}
+
+// ---- text ----
+
+export const WIDTH = 80;
+
+/** Colour on a terminal only, and never when NO_COLOR is set to anything (no-color.org) or TERM is dumb. */
+export function useColour(isTty: boolean, env: NodeJS.ProcessEnv): boolean {
+    return isTty && !env.NO_COLOR && env.TERM !== "dumb";
+}
+
+const COLOUR: Record<VerdictKind, number> = {
+    "in-sync": 32,
+    deploying: 36,
+    "rolled-back": 33,
+    drifted: 33,
+    "needs-reboot": 33,
+    unhealthy: 31,
+    unreachable: 31,
+};
+
+function paint(kind: VerdictKind, text: string, colour: boolean): string {
+    return colour ? `\u001b[${COLOUR[kind]}m${text}\u001b[0m` : text;
+}
+
+function cut(text: string, width: number): string {
+    return text.length <= width ? text : `${text.slice(0, width - 1)}…`;
+}
+
+export function uptimeText(seconds: number | undefined): string {
+    if (seconds === undefined) return "-";
+    const [d, h, m] = [Math.floor(seconds / 86400), Math.floor((seconds % 86400) / 3600), Math.floor((seconds % 3600) / 60)];
+    return d > 0 ? `${d}d ${h}h` : h > 0 ? `${h}h ${m}m` : `${m}m`;
+}
+
+export function diskText(kib: number | undefined): string {
+    if (kib === undefined) return "-";
+    const gib = kib / 1024 / 1024;
+    return gib >= 100 ? `${gib.toFixed(0)}G` : gib >= 1 ? `${gib.toFixed(1)}G` : `${(kib / 1024).toFixed(0)}M`;
+}
+
+/** "26.05" of "26.05.20261124.abcdef0 (Warbler)". */
+function releaseOf(version: string): string {
+    return /^(\d+\.\d+)/.exec(version)?.[1] ?? (version || "-");
+}
+
+function generationText(h: HostStatus): string {
+    const deployed = h.deployed.generation === undefined ? "?" : String(h.deployed.generation);
+    const profile = h.probe.reachable ? h.probe.facts.profileGeneration : undefined;
+    return profile === undefined || String(profile) === deployed ? deployed : `${deployed}→${profile}`;
+}
+
+function lastDeployText(h: HostStatus): string {
+    if (!h.probe.reachable) return "-";
+    const outcome = h.probe.facts.lastDeploy?.outcome;
+    return outcome ? outcome.split(" ")[0] : "none";
+}
+
+const COLUMNS = [
+    { title: "HOST", width: 16 },
+    { title: "VERDICT", width: 12 },
+    { title: "GEN", width: 7 },
+    { title: "NIXOS", width: 5 },
+    { title: "UP", width: 7 },
+    { title: "FREE", width: 6 },
+    { title: "LAST DEPLOY", width: 11 },
+];
+
+/**
+ * Words filled into lines of at most `width`, the first after `indent`, the others after `hanging`
+ * (a word longer than a line gets a line of its own).
+ */
+export function wrap(text: string, width: number, indent: string, hanging = indent): string[] {
+    const lines: string[] = [];
+    let line = "";
+    const prefix = () => (lines.length === 0 ? indent : hanging);
+    for (const word of text.split(/\s+/).filter((w) => w !== "")) {
+        if (line !== "" && prefix().length + line.length + 1 + word.length > width) {
+            lines.push(prefix() + line);
+            line = word;
+        } else line = line === "" ? word : `${line} ${word}`;
+    }
+    if (line !== "") lines.push(prefix() + line);
+    return lines;
+}
+
+/** A line that is a command to copy: printed whole, however long. */
+function isCommand(step: string): boolean {
+    return /^pulumi /.test(step);
+}
+
+export function renderText(report: StatusReport, colour: boolean): string {
+    const lines = [
+        ...wrap(`nixos-ec2 status of stack ${report.stack}: ${report.hosts.length} host${report.hosts.length === 1 ? "" : "s"}, each checked over one SSH session (deadline ${report.deadlineSeconds} s)`, WIDTH, ""),
+        "",
+    ];
+    const row = (cells: string[], kind?: VerdictKind) =>
+        cells
+            .map((cell, i) => {
+                const text = cut(cell, COLUMNS[i].width).padEnd(i === cells.length - 1 ? 0 : COLUMNS[i].width);
+                return i === 1 && kind !== undefined ? paint(kind, text, colour) : text;
+            })
+            .join("  ")
+            .trimEnd();
+    lines.push(row(COLUMNS.map((c) => c.title)));
+    for (const h of report.hosts) {
+        const f = h.probe.reachable ? h.probe.facts : undefined;
+        lines.push(
+            row(
+                [h.name, LABEL[h.verdict.kind], generationText(h), f ? releaseOf(f.nixosVersion) : "-", uptimeText(f?.uptimeSeconds), diskText(f?.diskFreeKiB), lastDeployText(h)],
+                h.verdict.kind,
+            ),
+        );
+    }
+    for (const h of report.hosts.filter((x) => x.verdict.kind !== "in-sync")) {
+        lines.push("", ...wrap(`${h.name}: ${h.verdict.text}`, WIDTH, "", "  ").map((l, i) => (i === 0 ? paint(h.verdict.kind, l, colour) : l)));
+        for (const why of h.verdict.why) lines.push(...wrap(`- ${why}`, WIDTH, "  ", "    "));
+        for (const step of h.next) lines.push(...(isCommand(step) ? [`    ${step}`] : wrap(`next: ${step}`, WIDTH, "  ", "    ")));
+    }
+    const summary = counts(report)
+        .map(([k, n]) => `${n} ${LABEL[k]}`)
+        .join(", ");
+    lines.push("", ...wrap(`${summary}; exit status ${report.exitStatus}.`, WIDTH, "", "  "));
+    return `${lines.join("\n")}\n`;
+}
+
