@@ -639,11 +639,12 @@ switch_body() {
 # only_pending_certificates: true when the failed units are all orders of certificates that were
 # never issued: nix/modules/web.nix turns HTTPS on with a domain before DNS points at the host,
 # and the ACME module's acme-order-renew-<cert>.service (nixos/modules/security/acme/default.nix)
-# fails with exit 10 until the name resolves; <acme dir>/<cert>/acme-success appears with the
-# first certificate. Such a certificate is pending, not broken: nixos-ec2-acme-retry.timer orders
-# it again every 12 minutes and plain HTTP keeps serving. Any other failed unit, or a failed
+# fails with exit 10 when the order fails; <acme dir>/<cert>/acme-success appears with the first
+# certificate. Such a certificate is pending, not broken: nixos-ec2-acme-retry.timer orders it
+# again and plain HTTP keeps serving. Any other failed unit, another exit status, or a failed
 # renewal of a certificate that was issued, counts as a failure. Says which certificate waits, and
-# the order's last log line (why).
+# why: the ACME server's error from lego's output (`journalctl -u` also shows systemd's own lines
+# about the unit, which come last and say nothing of the reason).
 only_pending_certificates() {
     local units unit cert why pending=()
     units=$(systemctl --failed --no-legend --plain --no-pager 2>/dev/null | awk '{ print $1 }') || return 1
@@ -652,12 +653,14 @@ only_pending_certificates() {
         [[ $unit =~ ^acme-order-renew-(.+)\.service$ ]] || return 1
         cert=${BASH_REMATCH[1]}
         [[ ! -e $ACME_DIR/$cert/acme-success ]] || return 1
+        [[ $(systemctl show -p ExecMainStatus --value "$unit" 2>/dev/null) == 10 ]] || return 1
         pending+=("$cert")
     done <<<"$units"
     for cert in "${pending[@]}"; do
-        why=$(journalctl -u "acme-order-renew-$cert.service" -n 1 -o cat --no-pager 2>/dev/null | tail -n 1) || why=""
-        say "certificate for $cert not issued yet: ${why:-its order failed}"
-        say "certificate for $cert pending: HTTP keeps serving; nixos-ec2-acme-retry.timer orders it every 12 min until $cert resolves here"
+        why=$(journalctl -u "acme-order-renew-$cert.service" -n 50 -o cat --no-pager 2>/dev/null |
+            grep -E 'urn:ietf:params:acme:error|acme: error' | tail -n 1) || why=""
+        say "certificate for $cert not issued yet: ${why:-its order failed (exit status 10); see journalctl -u acme-order-renew-$cert}"
+        say "certificate for $cert pending: HTTP keeps serving; nixos-ec2-acme-retry.timer orders it again until $cert resolves here"
     done
 }
 

@@ -47,7 +47,7 @@ describeWithTools(DEPLOY_TOOLS)(
         // module's order unit fails (exit 10) and the system is degraded until it succeeds.
         const ORDER = "acme-order-renew-todo.example.org.service";
         const NXDOMAIN = "[todo.example.org] acme: error: 400 :: urn:ietf:params:acme:error:dns :: DNS problem: NXDOMAIN looking up A for todo.example.org";
-        const pendingOrder = { unit: ORDER, log: NXDOMAIN };
+        const pendingOrder = { unit: ORDER, status: 10, log: NXDOMAIN };
 
         test("a certificate that waits for DNS does not fail the deploy, and the output says which one and why", async () => {
             const sshd = await host();
@@ -57,7 +57,7 @@ describeWithTools(DEPLOY_TOOLS)(
             expect(JSON.parse(stdoutLines(run)[0])).toEqual({ systemPath: sshd.systemPath(), generation: 2, rebooted: false });
             expect(run.stderr).toContain(`] certificate for todo.example.org not issued yet: ${NXDOMAIN}\n`);
             expect(run.stderr).toContain(
-                "] certificate for todo.example.org pending: HTTP keeps serving; nixos-ec2-acme-retry.timer orders it every 12 min until todo.example.org resolves here\n",
+                "] certificate for todo.example.org pending: HTTP keeps serving; nixos-ec2-acme-retry.timer orders it again until todo.example.org resolves here\n",
             );
             expect(run.stderr).toContain("the only units that failed are orders of certificates not issued yet; keeping the new system");
             expect(run.stderr).toContain("systemd reports the system as degraded only by the pending certificate(s) above");
@@ -75,10 +75,18 @@ describeWithTools(DEPLOY_TOOLS)(
 
         test("another failed unit beside a pending certificate still rolls back", async () => {
             const sshd = await host();
-            sshd.setBehaviour({ switchExit: 4, systemState: "degraded", failedUnits: [pendingOrder, { unit: "postgresql.service", log: "FATAL: could not start" }] });
+            sshd.setBehaviour({ switchExit: 4, systemState: "degraded", failedUnits: [pendingOrder, { unit: "postgresql.service", status: 1, log: "FATAL: could not start" }] });
             const run = await runDeploy(deployEnv(sshd));
             expectRolledBackWithLogTail(sshd, run, `warning: the following units failed: ${ORDER}, postgresql.service`);
             expect(run.stderr).not.toContain("certificate for todo.example.org pending");
+            expect(run.stderr).not.toContain("not issued yet");
+        });
+
+        test("an order that failed with another exit status than 10 is a failure, not a pending certificate", async () => {
+            const sshd = await host();
+            sshd.setBehaviour({ switchExit: 4, systemState: "degraded", failedUnits: [{ ...pendingOrder, status: 1 }] });
+            const run = await runDeploy(deployEnv(sshd));
+            expectRolledBackWithLogTail(sshd, run, `warning: the following units failed: ${ORDER}`);
             expect(run.stderr).not.toContain("not issued yet");
         });
 

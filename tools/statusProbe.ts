@@ -28,7 +28,8 @@ export const REPORT_FORMAT = "nixos-ec2-status-1";
  *   deploy.log, which links to the newest deploy's log (logs/<time>-<id>.log).
  * - nixos-version (top-level.nix writes it without a newline), uptime, boot ID, free disk where
  *   the deploy puts its upload, `systemctl is-system-running` (no --wait), the failed units when
- *   it is not running, and the deploy's health check (5 s at most).
+ *   it is not running (with the certificates issued so far, so that an order that waits for DNS
+ *   is told apart, as the deploy does), and the deploy's health check (5 s at most).
  */
 export const REMOTE_SNIPPET = `d="\${NIXOS_EC2_STATE_DIR:-/var/lib/nixos-ec2}"
 p="\${NIXOS_EC2_SYSTEM_PROFILE:-/nix/var/nix/profiles/system}"
@@ -61,6 +62,9 @@ v df-path "$s"
 v health-url "$u"
 y=$(systemctl is-system-running 2>/dev/null)
 v state "$y"
+if [ "$y" != running ]; then
+for c in "\${NIXOS_EC2_ACME_DIR:-/var/lib/acme}"/*/acme-success; do if [ -e "$c" ]; then c=\${c%/acme-success}; v "issued.\${c##*/}" 1; fi; done
+fi
 echo '--- df'
 df -Pk "$s" 2>&1
 if [ "$y" != running ]; then
@@ -101,7 +105,14 @@ export interface HostFacts {
     readonly diskPath: string;
     /** `systemctl is-system-running`: running, degraded, starting, ... */
     readonly systemState: string;
+    /** Failed units, but for the orders of certificates never issued (pendingCertificates). */
     readonly failedUnits: string[];
+    /**
+     * Certificates whose order (acme-order-renew-<cert>.service) failed and that were never issued
+     * (no acme-success): waiting for DNS, which the deploy counts as a success (deploy/remote-switch.sh
+     * only_pending_certificates) and the host retries by itself.
+     */
+    readonly pendingCertificates: string[];
     readonly health: { readonly url: string; readonly ok: boolean; readonly detail: string };
     /** pending-rollback: a deploy that switched and is not confirmed yet. */
     readonly pendingRollback?: { readonly deploy: string; readonly generation: number };
@@ -272,6 +283,13 @@ export function parseReport(stdout: string): HostFacts | string {
     const healthExit = blocks.get("health-exit")?.value ?? "";
     const healthOk = healthExit === "0" && healthBody.replace(/\s+/g, "") === "ok";
     const uptime = numberOr(get("uptime").split(/\s+/)[0]);
+    const failed = output("failed")
+        .map((l) => l.trim().split(/\s+/)[0])
+        .filter((u) => /^[\w@:.\\-]+\.[a-z]+$/.test(u));
+    const pendingCertificateOf = (unit: string): string | undefined => {
+        const cert = /^acme-order-renew-(.+)\.service$/.exec(unit)?.[1];
+        return cert !== undefined && !values.has(`issued.${cert}`) ? cert : undefined;
+    };
     return {
         currentSystem: get("current"),
         bootedSystem: get("booted"),
@@ -284,9 +302,8 @@ export function parseReport(stdout: string): HostFacts | string {
         diskFreeKiB: free,
         diskPath: get("df-path"),
         systemState: get("state"),
-        failedUnits: output("failed")
-            .map((l) => l.trim().split(/\s+/)[0])
-            .filter((u) => /^[\w@:.\\-]+\.[a-z]+$/.test(u)),
+        failedUnits: failed.filter((u) => pendingCertificateOf(u) === undefined),
+        pendingCertificates: failed.map(pendingCertificateOf).filter((c): c is string => c !== undefined),
         health: {
             url: get("health-url"),
             ok: healthOk,

@@ -44,7 +44,9 @@ export function shortPath(p: string | undefined): string {
 function healthProblems(h: HostFacts): string[] {
     const problems: string[] = [];
     if (h.failedUnits.length > 0) problems.push(`${h.failedUnits.length === 1 ? "unit" : "units"} ${h.failedUnits.join(", ")} failed`);
-    else if (h.systemState !== "running") problems.push(`systemd reports the system as ${h.systemState || "unknown"}`);
+    // Degraded only by certificates that wait for DNS: the deploy counts that as a success too.
+    else if (h.systemState !== "running" && !(h.systemState === "degraded" && h.pendingCertificates.length > 0))
+        problems.push(`systemd reports the system as ${h.systemState || "unknown"}`);
     if (!h.health.ok) problems.push(`health check ${h.health.url} failed: ${h.health.detail}`);
     return problems;
 }
@@ -107,7 +109,11 @@ export function verdictOf(deployed: Deployed, probe: Probe): Verdict {
             why: [`the running ${h.bootChanges.join(", ")} ${h.bootChanges.length === 1 ? "is" : "are"} the booted system's (${shortPath(h.bootedSystem)}), not the deployed system's`],
         };
     }
-    return { kind: "in-sync", text: "in sync", why: [] };
+    return {
+        kind: "in-sync",
+        text: "in sync",
+        why: h.pendingCertificates.map((c) => `the certificate for ${c} is not issued yet (its order waits for the name to resolve to this host; HTTP serves meanwhile)`),
+    };
 }
 
 /** 0: every host in sync; 2: some host unreachable (nothing can be said of it); 1: otherwise. */

@@ -90,8 +90,8 @@ export interface HostBehaviour {
     preSwitchFails?: boolean;
     /** GRUB cannot write its environment block (as on LVM or RAID), so it never clears next_entry. */
     grubenvReadonly?: boolean;
-    /** The units a degraded new system lists as failed, each with its last log line (journalctl). */
-    failedUnits?: Array<{ unit: string; log: string }>;
+    /** The units a degraded new system lists as failed, each with its exit status and its log line (journalctl). */
+    failedUnits?: Array<{ unit: string; status: number; log: string }>;
     /** The new system's kernel version: its kernel, initrd and modules differ from the image's, so a live switch leaves a reboot due. */
     kernel?: string;
 }
@@ -437,7 +437,7 @@ export async function startSshd(options: SshdOptions = {}): Promise<TestSshd> {
             writeControl(hostDir, "not-nixos", b.notNixos);
             writeControl(hostDir, "grubenv-readonly", b.grubenvReadonly);
             writeControl(hostDir, "pre-switch-fails", b.preSwitchFails);
-            writeControl(hostDir, "failed-units", b.failedUnits?.map(({ unit, log }) => `${unit} ${log}\n`).join(""));
+            writeControl(hostDir, "failed-units", b.failedUnits?.map(({ unit, status, log }) => `${unit} ${status} ${log}\n`).join(""));
             writeControl(hostDir, "kernel", b.kernel);
         },
         calls(): string[] {
