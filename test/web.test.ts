@@ -234,6 +234,17 @@ describeWithTools(["nix-instantiate", NGINX, "curl", "openssl"])("nginx on the m
             expect((await request(n.httpPorts.todo, "/", HOST)).status).toBe(200);
         });
 
+        it("redirects a visitor who came by the address to the domain, which the certificate names", async () => {
+            const n = running!;
+            writeFileSync(marker, "");
+            // The stack's `url` output is http://<address>/; curl's own Host is 127.0.0.1:<port>.
+            expect(await request(n.httpPorts.todo, "/index.html?x=1", { host: "203.0.113.7" })).toMatchObject({
+                status: 301,
+                location: `https://${DOMAIN}/index.html?x=1`,
+            });
+            expect(await request(n.httpPorts.todo, "/")).toMatchObject({ status: 301, location: `https://${DOMAIN}/` });
+        });
+
         it("keeps answering the ACME challenge, /healthz, HTTPS and loopback without a redirect", async () => {
             const n = running!;
             writeFileSync(marker, "");

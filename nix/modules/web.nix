@@ -35,7 +35,10 @@ let
     }
   '';
 
-  # `redirect`: send plain HTTP to HTTPS once the certificate is in place (see above).
+  # `redirect`: send plain HTTP to HTTPS once the certificate is in place (see above). To the
+  # configured name, not $host: this is the default server, so a visitor who came by the
+  # address (the stack's `url` output is http://<address>/) would be sent to https://<address>/,
+  # which the certificate does not name.
   locationsWith = redirect: {
     "/".extraConfig = ''
       # A new deploy must show up on the next reload, not after a cache expires.
@@ -45,7 +48,7 @@ let
     ''
     + lib.optionalString redirect ''
       if ($nixos_ec2_https = "http+certified") {
-        return 301 https://$host$request_uri;
+        return 301 https://${domain}$request_uri;
       }
     '';
     "= /healthz" = {
@@ -68,7 +71,7 @@ in
         certificate for it (HTTP-01 challenge on port 80) and serves the page over HTTPS on
         port 443 as well. Until the name resolves to the instance's public address the order
         fails; the page stays on plain HTTP, the order is retried every 12 minutes, and once
-        the certificate is in place plain HTTP redirects to HTTPS.
+        the certificate is in place plain HTTP redirects to https://<domain>/.
       '';
     };
     acmeEmail = lib.mkOption {

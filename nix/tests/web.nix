@@ -178,7 +178,8 @@ pkgs.testers.runNixOSTest {
 
     with subtest("once a certificate exists, plain HTTP redirects to HTTPS and the retries stop"):
         staging.succeed(f"touch {certificate}")
-        assert http_status("http://staging/") == "301 https://staging/"
+        # To the configured name, not the name or address the visitor used.
+        assert http_status("http://staging/") == f"301 https://{domain}/"
         assert client.succeed("curl -fsS http://staging/healthz") == "ok\n"
         assert staging.succeed("curl -fsS http://127.0.0.1/healthz") == "ok\n"
         started = unit_property(staging, order, "ExecMainStartTimestampMonotonic")
