@@ -187,6 +187,14 @@ pkgs.testers.runNixOSTest {
         staging.wait_until_fails(f"systemctl is-active {retry}.timer")
         assert unit_property(staging, order, "ExecMainStartTimestampMonotonic") == started
 
+    with subtest("the nightly upgrade on a host never deployed makes the deploy's state directory"):
+        staging.succeed("rm -rf /var/lib/nixos-ec2")
+        # The rebuild itself fails here (its flake does not exist): the preamble must get past the lock.
+        staging.execute(f"systemctl start {upgrade}")
+        staging.succeed(f"journalctl -u {upgrade} -o cat | grep -qF 'holding /var/lib/nixos-ec2/lock until this upgrade ends'")
+        assert staging.succeed("stat -c %a /var/lib/nixos-ec2").strip() == "700"
+        staging.succeed(f"systemctl reset-failed {upgrade}")
+
     with subtest("the nightly upgrade skips, and succeeds, while a deploy awaits its confirmation"):
         staging.succeed("mkdir -p /var/lib/nixos-ec2 && echo 'test-deploy 41' > /var/lib/nixos-ec2/pending-rollback")
         staging.succeed(f"systemctl start {upgrade}")
