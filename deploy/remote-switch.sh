@@ -660,7 +660,7 @@ only_pending_certificates() {
         why=$(journalctl -u "acme-order-renew-$cert.service" -n 50 -o cat --no-pager 2>/dev/null |
             grep -E 'urn:ietf:params:acme:error|acme: error' | tail -n 1) || why=""
         say "certificate for $cert not issued yet: ${why:-its order failed (exit status 10); see journalctl -u acme-order-renew-$cert}"
-        say "certificate for $cert pending: HTTP keeps serving; nixos-ec2-acme-retry.timer orders it again until $cert resolves here"
+        say "certificate for $cert pending: HTTP keeps serving; nixos-ec2-acme-retry.timer orders it again (every 15 min at first, less often later)"
     done
 }
 

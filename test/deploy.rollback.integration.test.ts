@@ -57,7 +57,7 @@ describeWithTools(DEPLOY_TOOLS)(
             expect(JSON.parse(stdoutLines(run)[0])).toEqual({ systemPath: sshd.systemPath(), generation: 2, rebooted: false });
             expect(run.stderr).toContain(`] certificate for todo.example.org not issued yet: ${NXDOMAIN}\n`);
             expect(run.stderr).toContain(
-                "] certificate for todo.example.org pending: HTTP keeps serving; nixos-ec2-acme-retry.timer orders it again until todo.example.org resolves here\n",
+                "] certificate for todo.example.org pending: HTTP keeps serving; nixos-ec2-acme-retry.timer orders it again (every 15 min at first, less often later)\n",
             );
             expect(run.stderr).toContain("the only units that failed are orders of certificates not issued yet; keeping the new system");
             expect(run.stderr).toContain("systemd reports the system as degraded only by the pending certificate(s) above");

@@ -5,7 +5,7 @@
  * evaluated from the module (stand-in lib) and run here with bash and util-linux's flock.
  */
 import { ChildProcess, execFileSync, spawn } from "node:child_process";
-import { cpSync, readFileSync, writeFileSync } from "node:fs";
+import { chmodSync, cpSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import * as path from "node:path";
 import { evalFlakeStructure } from "./support/nix";
 import { evalHost, HostEvaluation, Ordered, runJobScript } from "./support/nixHost";
@@ -88,7 +88,7 @@ describeWithTools(["nix-instantiate", "bash", "flock", "shellcheck"])("nightly u
             const facts = remoteSwitchFacts();
             expect(facts.takesLockOnFd9).toBe(true);
             expect(facts.stateDir).toBe(STATE_DIR);
-            expect(preamble()).toContain(`exec 9>>${facts.stateDir}/lock\n`);
+            expect(preamble()).toContain(`[ -d ${facts.stateDir} ] || mkdir -m 0700 ${facts.stateDir}\nexec 9>>${facts.stateDir}/lock\n`);
             expect(preamble()).toContain(`lock_wait_seconds=${facts.lockWaitSeconds}\n`);
             expect(preamble()).toMatch(/flock -n 9;[\s\S]*flock -w "\$lock_wait_seconds" 9;/);
         });
@@ -126,7 +126,9 @@ describeWithTools(["nix-instantiate", "bash", "flock", "shellcheck"])("nightly u
 
         /** The preamble with the state directory (and, if given, the lock wait) moved for the test. */
         const run = (waitSeconds?: number) => {
-            let script = preamble().split(`${STATE_DIR}/`).join(`${stateDir}/`);
+            let script = preamble().split(STATE_DIR).join(stateDir);
+            // Nothing here may touch this machine's own state directory.
+            expect(script).not.toContain("/var/lib/");
             if (waitSeconds !== undefined) script = script.replace(/^lock_wait_seconds=\d+$/m, `lock_wait_seconds=${waitSeconds}`);
             return runJobScript(script + UPGRADE_COMMAND, { NIXOS_EC2_TEST_LOCK: path.join(stateDir, "lock") });
         };
@@ -147,6 +149,19 @@ describeWithTools(["nix-instantiate", "bash", "flock", "shellcheck"])("nightly u
             expect(status).toBe(0);
             expect(output).toContain(`nixos-ec2: holding ${stateDir}/lock until this upgrade ends`);
             expect(output).toContain("UPGRADE-RAN\nLOCK-HELD\n");
+        });
+
+        it("upgrades on a host that was switched by hand, never deployed: makes the state directory first, private", async () => {
+            rmSync(stateDir, { recursive: true });
+            const { status, output } = await run();
+            expect({ status, output }).toEqual({ status: 0, output: expect.stringContaining("UPGRADE-RAN\nLOCK-HELD\n") });
+            expect(statSync(stateDir).mode & 0o777).toBe(0o700);
+        });
+
+        it("leaves the mode of a state directory that exists alone", async () => {
+            chmodSync(stateDir, 0o750);
+            expect((await run()).status).toBe(0);
+            expect(statSync(stateDir).mode & 0o777).toBe(0o750);
         });
 
         it("upgrades after a confirmed deploy, which leaves the pending files empty", async () => {

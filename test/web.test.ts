@@ -1,11 +1,12 @@
 /**
  * nix/modules/web.nix and the page: what the module asks of nixpkgs' nginx and ACME modules
  * (evaluated with the stand-in lib), the certificate retry script run with a stand-in
- * systemctl, and nginx itself (this machine's) on the module's settings: which lines carry a
- * visitor's address, and when plain HTTP starts to redirect to HTTPS.
+ * systemctl (and, for its month-long schedule, a stand-in clock), and nginx itself (this
+ * machine's) on the module's settings: which lines carry a visitor's address, and when and
+ * where plain HTTP starts to redirect to HTTPS.
  */
 import { execFileSync } from "node:child_process";
-import { chmodSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import * as path from "node:path";
 import { evalHost, HostEvaluation, runJobScript } from "./support/nixHost";
 import { logLines, NGINX, NginxSettings, request, RunningNginx, startNginx } from "./support/nginx";
@@ -17,10 +18,21 @@ const DOMAIN = "todo.example.org";
 const WITH_DOMAIN = { web: { domain: DOMAIN, acmeEmail: "ops@example.org" } };
 const RETRY_UNIT = "nixos-ec2-acme-retry";
 const ORDER_UNIT = `acme-order-renew-${DOMAIN}.service`;
-/** Let's Encrypt: 5 failed authorizations per name, account and hour. */
+/**
+ * letsencrypt/website content/en/docs/rate-limits.md (2024-12 on): "Authorization Failures per
+ * Hostname per Account", 5 an hour; one of them goes to the ACME module's own order (at boot, at a
+ * deploy), the rest may go to the retry.
+ */
 const ORDERS_PER_HOUR_ALLOWED = 5;
-/** The README promises a certificate within about 15 minutes of DNS resolving. */
+/** The same page: "Consecutive Authorization Failures per Hostname per Account", refilling 1 a day. */
+const CONSECUTIVE_FAILURES_ALLOWED = 3600;
+/** The README promises a certificate within about 15 minutes of DNS resolving, for the first 6 hours. */
 const LONGEST_GAP_MINUTES = 15;
+const MINUTE = 60;
+const HOUR = 60 * MINUTE;
+const DAY = 24 * HOUR;
+/** Where the retry keeps its state: its StateDirectory. */
+const RETRY_STATE_DIR = `/var/lib/${RETRY_UNIT}`;
 /** A request body over the nginx module's client_max_body_size (10m): nginx logs it at "error". */
 const OVERSIZED_BODY = ["-H", "Content-Length: 20000000"];
 
@@ -88,13 +100,14 @@ describeWithTools(["nix-instantiate", "bash", "shellcheck"])("the web server's m
             expect(failedAssertions(prodWithDomain)).toEqual([]);
         });
 
-        it("retries the order on a timer: at most Let's Encrypt's 5 an hour, at most 15 minutes apart", () => {
+        it("ticks the retry often enough for the promise, and leaves an hour's fifth order to the ACME module", () => {
             const unit = prodWithDomain.config.systemd.services[RETRY_UNIT];
-            expect(unit.serviceConfig).toEqual({ Type: "oneshot" });
+            expect(unit.serviceConfig).toEqual({ Type: "oneshot", StateDirectory: RETRY_UNIT });
             const step = /^\*:0\/(\d+)$/.exec(unit.startAt)?.[1];
             expect(step).toBeDefined();
             expect(60 % Number(step)).toBe(0);
-            expect(60 / Number(step)).toBeLessThanOrEqual(ORDERS_PER_HOUR_ALLOWED);
+            // The module's own order at boot comes on top of the retry's in the first hour.
+            expect(60 / Number(step) + 1).toBeLessThanOrEqual(ORDERS_PER_HOUR_ALLOWED);
             expect(Number(step)).toBeLessThanOrEqual(LONGEST_GAP_MINUTES);
         });
 
@@ -119,33 +132,155 @@ describeWithTools(["nix-instantiate", "bash", "shellcheck"])("the web server's m
 
     describe("the retry script, run", () => {
         let dir: string;
-        const script = (): string => (prodWithDomain.config.systemd.services[RETRY_UNIT].script as string).split("/var/lib/acme/").join(`${dir}/acme/`);
+        const script = (): string =>
+            (prodWithDomain.config.systemd.services[RETRY_UNIT].script as string)
+                .split("/var/lib/acme/")
+                .join(`${dir}/acme/`)
+                .split(`${RETRY_STATE_DIR}/`)
+                .join(`${dir}/state/`);
+        const certificate = () => path.join(dir, "acme", DOMAIN, "acme-success");
+        const firstFailure = () => path.join(dir, "state", `${DOMAIN}.first-failure`);
+        const lastOrder = () => path.join(dir, "state", `${DOMAIN}.last-order`);
         const run = async () => {
             const result = await runJobScript(script(), { PATH: `${path.join(dir, "bin")}:${process.env.PATH ?? ""}` });
             return { ...result, calls: logLines(path.join(dir, "systemctl-calls")) };
         };
+        const now = () => Math.floor(Date.now() / 1000);
         beforeEach(() => {
             dir = tempDir("nixos-ec2-retry-");
             mkdirSync(path.join(dir, "bin"));
+            mkdirSync(path.join(dir, "state"));
             mkdirSync(path.join(dir, "acme", DOMAIN), { recursive: true });
             const systemctl = path.join(dir, "bin", "systemctl");
             writeFileSync(systemctl, `#!/usr/bin/env bash\nprintf '%s\\n' "$*" >>${JSON.stringify(path.join(dir, "systemctl-calls"))}\n`);
             chmodSync(systemctl, 0o755);
         });
 
-        it("starts the order again, without waiting for it, while there is no certificate", async () => {
+        it("starts the order again, without waiting for it, while there is no certificate, and notes when", async () => {
+            const before = now();
             const { status, output, calls } = await run();
             expect(status).toBe(0);
             expect(calls).toEqual([`start --no-block ${ORDER_UNIT}`]);
             expect(output).toContain(`nixos-ec2: no certificate for ${DOMAIN} yet (no ${dir}/acme/${DOMAIN}/acme-success): starting ${ORDER_UNIT} again`);
+            for (const file of [firstFailure(), lastOrder()]) {
+                expect(Number(readFileSync(file, "utf8"))).toBeGreaterThanOrEqual(before);
+                expect(Number(readFileSync(file, "utf8"))).toBeLessThanOrEqual(now());
+            }
         });
 
-        it("stops its own timer once the certificate is in place, and orders nothing", async () => {
-            writeFileSync(path.join(dir, "acme", DOMAIN, "acme-success"), "");
+        it("stops its own timer once the certificate is in place, orders nothing, and forgets the first failure", async () => {
+            writeFileSync(firstFailure(), `${now() - 40 * DAY}\n`);
+            writeFileSync(lastOrder(), `${now() - 40 * DAY}\n`);
+            writeFileSync(certificate(), "");
             const { status, output, calls } = await run();
             expect(status).toBe(0);
             expect(calls).toEqual([`stop --no-block ${RETRY_UNIT}.timer`]);
             expect(output).toContain(`nixos-ec2: the certificate for ${DOMAIN} is in place; stopping ${RETRY_UNIT}.timer`);
+            expect(existsSync(firstFailure())).toBe(false);
+            expect(existsSync(lastOrder())).toBe(false);
+            // Without the certificate again (it was removed by hand), the schedule starts afresh.
+            rmSync(certificate());
+            expect((await run()).calls).toEqual([`stop --no-block ${RETRY_UNIT}.timer`, `start --no-block ${ORDER_UNIT}`]);
+        });
+
+        it("waits for the next order of a later phase, exiting 0, and says when it is due", async () => {
+            writeFileSync(firstFailure(), `${now() - 2 * DAY}\n`);
+            writeFileSync(lastOrder(), `${now() - 2 * HOUR}\n`);
+            const { status, output, calls } = await run();
+            expect(status).toBe(0);
+            expect(calls).toEqual([]);
+            expect(output).toMatch(
+                new RegExp(`nixos-ec2: no certificate for ${DOMAIN} yet, 2880 min after the first failed order; ordering every 360 min now, the next order in about 23[34] min`),
+            );
+        });
+
+        it("gives up after 30 days, stopping its timer, and says what still orders and what to do", async () => {
+            writeFileSync(firstFailure(), `${now() - 30 * DAY}\n`);
+            writeFileSync(lastOrder(), `${now() - 7 * HOUR}\n`);
+            const { status, output, calls } = await run();
+            expect(status).toBe(0);
+            expect(calls).toEqual([`stop --no-block ${RETRY_UNIT}.timer`]);
+            expect(output).toContain(`nixos-ec2: no certificate for ${DOMAIN} 30 days after the first failed order (${firstFailure()}): no more retries`);
+            expect(output).toContain(`acme-renew-${DOMAIN}.timer still orders once a day`);
+            expect(output).toContain(`systemctl start ${ORDER_UNIT}`);
+        });
+
+        it.each([
+            ["garbage", "not a time\n"],
+            ["an empty file", ""],
+            ["a time ahead of the clock", `${now() + DAY}\n`],
+        ])("starts afresh from a first-failure file holding %s", async (_what, content) => {
+            writeFileSync(firstFailure(), content);
+            writeFileSync(lastOrder(), "");
+            const { status, calls } = await run();
+            expect(status).toBe(0);
+            expect(calls).toEqual([`start --no-block ${ORDER_UNIT}`]);
+            expect(Number(readFileSync(firstFailure(), "utf8"))).toBeGreaterThan(now() - MINUTE);
+        });
+
+        describe("31 days without DNS, the timer ticking, on a stand-in clock", () => {
+            const START = 1_767_225_600; // 2026-01-01T00:00:00Z
+            /** The timer's step, from the unit (`*:0/<minutes>`). */
+            const tick = (): number => Number(/^\*:0\/(\d+)$/.exec(prodWithDomain.config.systemd.services[RETRY_UNIT].startAt)?.[1]) * MINUTE;
+            let orders: number[];
+            let stops: number[];
+            beforeAll(async () => {
+                dir = tempDir("nixos-ec2-retry-");
+                mkdirSync(path.join(dir, "state"));
+                mkdirSync(path.join(dir, "acme", DOMAIN), { recursive: true });
+                const calls = path.join(dir, "systemctl-calls");
+                // date and systemctl as functions: one bash for the whole month, each tick a subshell
+                // (as each timer run is a new process). The timer keeps ticking after a stop, as it
+                // would after every reboot.
+                const month = [
+                    `systemctl() { printf '%s %s\\n' "$fake_now" "$*" >>${JSON.stringify(calls)}; }`,
+                    `date() { printf '%s\\n' "$fake_now"; }`,
+                    `fake_now=${START}`,
+                    `while [ "$fake_now" -lt ${START + 31 * DAY} ]; do`,
+                    `(\n${script()}\n) >/dev/null`,
+                    `fake_now=$((fake_now + ${tick()}))`,
+                    "done",
+                ].join("\n");
+                const { status, output } = await runJobScript(month, {}, 60_000);
+                expect({ status, output }).toEqual({ status: 0, output: "" });
+                const lines = logLines(calls).map((l) => l.split(" "));
+                orders = lines.filter((l) => l.slice(1).join(" ") === `start --no-block ${ORDER_UNIT}`).map((l) => Number(l[0]) - START);
+                stops = lines.filter((l) => l.slice(1).join(" ") === `stop --no-block ${RETRY_UNIT}.timer`).map((l) => Number(l[0]) - START);
+                expect(orders.length + stops.length).toBeLessThanOrEqual((31 * DAY) / tick());
+            }, 90_000);
+            const gaps = (from: number, to: number): number[] => {
+                const within = orders.filter((t) => t >= from && t < to);
+                return within.slice(1).map((t, i) => t - within[i]);
+            };
+
+            it("orders at the first tick, then every 15 minutes for 6 hours: the certificate comes within about 15 minutes of DNS", () => {
+                expect(orders[0]).toBe(0);
+                expect(new Set(gaps(0, 6 * HOUR))).toEqual(new Set([15 * MINUTE]));
+                expect(orders.filter((t) => t < 6 * HOUR)).toHaveLength(24);
+            });
+
+            it("then hourly until a day, then every 6 hours until 30 days (the README's 24 + 18 + 116)", () => {
+                expect(new Set(gaps(6 * HOUR, DAY))).toEqual(new Set([HOUR]));
+                expect(orders.filter((t) => t >= 6 * HOUR && t < DAY)).toHaveLength(18);
+                expect(new Set(gaps(DAY, 30 * DAY))).toEqual(new Set([6 * HOUR]));
+                expect(orders.filter((t) => t >= DAY && t < 30 * DAY)).toHaveLength(116);
+            });
+
+            it("never orders more than 4 in an hour, leaving the fifth to the ACME module's own order", () => {
+                const most = Math.max(...orders.map((t) => orders.filter((u) => u >= t && u < t + HOUR).length));
+                expect(most + 1).toBeLessThanOrEqual(ORDERS_PER_HOUR_ALLOWED);
+            });
+
+            it("stops after 30 days, at every tick from then on, and orders nothing more", () => {
+                expect(orders.filter((t) => t >= 30 * DAY)).toEqual([]);
+                expect(stops[0]).toBe(30 * DAY);
+                expect(stops).toHaveLength(DAY / tick());
+            });
+
+            it("stays far below the consecutive-failure limit, counting a daily renewal and a boot order", () => {
+                const failures = orders.length + 30 + 1;
+                expect(failures).toBeLessThan(CONSECUTIVE_FAILURES_ALLOWED / 10);
+            });
         });
 
         it("is a script that shellcheck passes", () => {
@@ -232,6 +367,17 @@ describeWithTools(["nix-instantiate", NGINX, "curl", "openssl"])("nginx on the m
             expect(await request(n.httpPorts.todo, "/index.html?x=1", HOST)).toMatchObject({ status: 301, location: `https://${DOMAIN}/index.html?x=1` });
             rmSync(marker);
             expect((await request(n.httpPorts.todo, "/", HOST)).status).toBe(200);
+        });
+
+        it("redirects a visitor who came by the address to the domain, which the certificate names", async () => {
+            const n = running!;
+            writeFileSync(marker, "");
+            // The stack's `url` output is http://<address>/; curl's own Host is 127.0.0.1:<port>.
+            expect(await request(n.httpPorts.todo, "/index.html?x=1", { host: "203.0.113.7" })).toMatchObject({
+                status: 301,
+                location: `https://${DOMAIN}/index.html?x=1`,
+            });
+            expect(await request(n.httpPorts.todo, "/")).toMatchObject({ status: 301, location: `https://${DOMAIN}/` });
         });
 
         it("keeps answering the ACME challenge, /healthz, HTTPS and loopback without a redirect", async () => {

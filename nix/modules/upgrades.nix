@@ -31,8 +31,12 @@ let
   # deploy and the upgrade switching at once would fail each other's switch, and the rollback.
   # Skipping exits 0: a failed unit would make the system "degraded", which fails a deploy's
   # confirmation. flock is util-linux's, which the unit's PATH lacks.
+  # A host switched by hand was never deployed, so nothing made ${stateDir}: without it
+  # `exec 9>>` fails and the failed unit leaves the system degraded. It is made as the deploy
+  # makes it (nixos-deploy.sh: only if missing, umask 077).
   lockPreamble = ''
     lock_wait_seconds=${toString lockWaitSeconds}
+    [ -d ${stateDir} ] || mkdir -m 0700 ${stateDir}
     exec 9>>${lockFile}
     if ! ${pkgs.util-linux}/bin/flock -n 9; then
       echo "nixos-ec2: a deploy or rollback holds ${lockFile}; waiting up to $lock_wait_seconds s"

@@ -15,9 +15,55 @@ let
   realCertificate = "/var/lib/acme/${domain}/acme-success";
   orderUnit = "acme-order-renew-${domain}.service";
   retryUnit = "nixos-ec2-acme-retry";
-  # At most 5 orders an hour: Let's Encrypt allows 5 failed authorizations per name, account
-  # and hour. A name that starts resolving gets its certificate within 12 minutes and a bit.
-  retryCalendar = "*:0/12";
+
+  # The retry backs off. Let's Encrypt counts every failed order against the name and account
+  # (letsencrypt/website, content/en/docs/rate-limits.md; the second limit since 2024-12):
+  # - "Authorization Failures per Hostname per Account": 5 an hour, refilling 1 every 12
+  #   minutes. At most 4 retries an hour (every 15 minutes, the RestartSec that nixpkgs' acme
+  #   module picks for the same limit) leave the fifth to the ACME module's own order at boot or
+  #   deploy; every 12 minutes made that 6 in the first hour.
+  # - "Consecutive Authorization Failures per Hostname per Account": 3,600, refilling 1 a day;
+  #   past that the name is paused for the account until someone unpauses it by hand. 120
+  #   orders a day (every 12 minutes, without end) got there in about a month.
+  # The schedule: every 15 minutes for 6 hours (24 orders; a name that starts resolving then
+  # gets its certificate within about 15 minutes), hourly until a day (18), every 6 hours until
+  # 30 days (116), then none: 158 failures in 30 days, about 190 with the daily renewal, some
+  # 5 % of the 3,600. Afterwards only acme-renew-<cert>.timer orders, once a day, as fast as
+  # the limit refills, so the name is never paused. test/web.test.ts runs it through 31 days.
+  minute = 60;
+  hour = 60 * minute;
+  day = 24 * hour;
+  retryTick = 15 * minute;
+  retryCalendar = "*:0/${toString (retryTick / minute)}";
+  retryGiveUpAfter = 30 * day;
+  # Each phase: while the first failed order is less than `before` seconds ago, order `every`
+  # seconds.
+  retrySchedule = [
+    {
+      before = 6 * hour;
+      every = retryTick;
+    }
+    {
+      before = day;
+      every = hour;
+    }
+    {
+      before = retryGiveUpAfter;
+      every = 6 * hour;
+    }
+  ];
+  # An order is due from half a tick before `every` has passed, so that a tick that fired a
+  # little late (the timer's AccuracySec) does not push the next order a whole tick back.
+  retrySlack = retryTick / 2;
+  # The retry unit's StateDirectory (systemd makes it). The files hold seconds since the epoch:
+  # when the retry first found no certificate (within a tick of the first failed order), and
+  # when it last started an order. Named for the domain, so that a new name starts afresh.
+  retryStateDir = "/var/lib/${retryUnit}";
+  firstFailureFile = "${retryStateDir}/${domain}.first-failure";
+  lastOrderFile = "${retryStateDir}/${domain}.last-order";
+  retryEveryByAge = lib.concatMapStringsSep "\nel" (
+    phase: ''if [ "$age" -lt ${toString phase.before} ]; then every=${toString phase.every}''
+  ) retrySchedule;
 
   isDnsName =
     name:
@@ -35,7 +81,10 @@ let
     }
   '';
 
-  # `redirect`: send plain HTTP to HTTPS once the certificate is in place (see above).
+  # `redirect`: send plain HTTP to HTTPS once the certificate is in place (see above). To the
+  # configured name, not $host: this is the default server, so a visitor who came by the
+  # address (the stack's `url` output is http://<address>/) would be sent to https://<address>/,
+  # which the certificate does not name.
   locationsWith = redirect: {
     "/".extraConfig = ''
       # A new deploy must show up on the next reload, not after a cache expires.
@@ -45,7 +94,7 @@ let
     ''
     + lib.optionalString redirect ''
       if ($nixos_ec2_https = "http+certified") {
-        return 301 https://$host$request_uri;
+        return 301 https://${domain}$request_uri;
       }
     '';
     "= /healthz" = {
@@ -67,8 +116,10 @@ in
         Public DNS name of this host (lowercase). When set, nginx obtains a Let's Encrypt
         certificate for it (HTTP-01 challenge on port 80) and serves the page over HTTPS on
         port 443 as well. Until the name resolves to the instance's public address the order
-        fails; the page stays on plain HTTP, the order is retried every 12 minutes, and once
-        the certificate is in place plain HTTP redirects to HTTPS.
+        fails; the page stays on plain HTTP, the order is retried every 15 minutes for the
+        first 6 hours, then less often (hourly until a day, every 6 hours until 30 days, then
+        only by the ACME module's daily renewal), and once the certificate is in place plain
+        HTTP redirects to https://<domain>/.
       '';
     };
     acmeEmail = lib.mkOption {
@@ -152,21 +203,55 @@ in
     };
 
     # Orders the certificate again while none has been issued, so that it arrives soon after DNS
-    # points the name here instead of up to two days later. It never fails itself (the order
-    # unit reports its own failure) and stops its timer once the certificate exists; renewals
-    # stay with acme-renew-<cert>.timer.
+    # points the name here instead of up to two days later, backing off as the schedule above
+    # says. It never fails itself (the order unit reports its own failure) and stops its timer
+    # once the certificate exists or the schedule ends; renewals stay with
+    # acme-renew-<cert>.timer.
     systemd.services = lib.mkIf https {
       ${retryUnit} = {
         description = "Order the certificate for ${domain} again until one is issued";
         startAt = retryCalendar;
-        serviceConfig.Type = "oneshot";
+        serviceConfig = {
+          Type = "oneshot";
+          StateDirectory = retryUnit;
+        };
         script = ''
+          now=$(date +%s)
           if [ -e ${realCertificate} ]; then
+            rm -f ${firstFailureFile} ${lastOrderFile}
             echo "nixos-ec2: the certificate for ${domain} is in place; stopping ${retryUnit}.timer (acme-renew-${domain}.timer renews it)"
             systemctl stop --no-block ${retryUnit}.timer
             exit 0
           fi
-          echo "nixos-ec2: no certificate for ${domain} yet (no ${realCertificate}): starting ${orderUnit} again; it fails with exit status 10 until ${domain} resolves to this host"
+
+          # A missing file, one cut short, or a time ahead of the clock starts afresh.
+          first="" last=""
+          if [ -s ${firstFailureFile} ]; then read -r first <${firstFailureFile} || true; fi
+          if [ -s ${lastOrderFile} ]; then read -r last <${lastOrderFile} || true; fi
+          if ! [[ $first =~ ^[0-9]+$ ]] || [ "$first" -gt "$now" ]; then
+            first=$now
+            echo "$first" >${firstFailureFile}
+          fi
+          if ! [[ $last =~ ^[0-9]+$ ]] || [ "$last" -gt "$now" ]; then
+            last=0
+          fi
+          age=$((now - first))
+
+          if [ "$age" -ge ${toString retryGiveUpAfter} ]; then
+            echo "nixos-ec2: no certificate for ${domain} $((age / ${toString day})) days after the first failed order (${firstFailureFile}): no more retries, stopping ${retryUnit}.timer; acme-renew-${domain}.timer still orders once a day. Once ${domain} resolves to this host, order it now: systemctl start ${orderUnit}"
+            systemctl stop --no-block ${retryUnit}.timer
+            exit 0
+          fi
+
+          ${retryEveryByAge}
+          fi
+          due=$((last + every - ${toString retrySlack}))
+          if [ "$now" -lt "$due" ]; then
+            echo "nixos-ec2: no certificate for ${domain} yet, $((age / ${toString minute})) min after the first failed order; ordering every $((every / ${toString minute})) min now, the next order in about $(( (due - now + ${toString (minute - 1)}) / ${toString minute} )) min"
+            exit 0
+          fi
+          echo "$now" >${lastOrderFile}
+          echo "nixos-ec2: no certificate for ${domain} yet (no ${realCertificate}): starting ${orderUnit} again, $((age / ${toString minute})) min after the first failed order (ordering every $((every / ${toString minute})) min now); it fails with exit status 10 until ${domain} resolves to this host"
           systemctl start --no-block ${orderUnit}
         '';
       };

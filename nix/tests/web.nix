@@ -73,6 +73,9 @@ pkgs.testers.runNixOSTest {
     certificate = f"/var/lib/acme/{domain}/acme-success"
     order = f"acme-order-renew-{domain}.service"
     retry = "nixos-ec2-acme-retry"
+    first_failure = f"/var/lib/{retry}/{domain}.first-failure"
+    last_order = f"/var/lib/{retry}/{domain}.last-order"
+    day = 24 * 60 * 60
     upgrade = "nixos-upgrade.service"
 
 
@@ -166,7 +169,15 @@ pkgs.testers.runNixOSTest {
         client.fail("curl -fsS https://staging/")
         assert "<title>TODO</title>" in client.succeed("curl -fsSk https://staging/")
 
-    with subtest("while no certificate exists, the retry unit orders it again"):
+    with subtest("while no certificate exists, the retry unit orders it again, less often as days pass"):
+        # The test runs the retry itself, with its state set back in time; the timer must not
+        # tick in between.
+        staging.succeed(f"systemctl stop {retry}.timer")
+        staging.succeed(f"mkdir -p /var/lib/{retry}")
+        now = int(staging.succeed("date +%s"))
+
+        # 10 minutes after the first failure, 15 after the last order: every 15 minutes, due.
+        staging.succeed(f"echo {now - 600} > {first_failure} && echo {now - 900} > {last_order}")
         started = unit_property(staging, order, "ExecMainStartTimestampMonotonic")
         staging.succeed(f"systemctl start {retry}.service")
         assert unit_property(staging, f"{retry}.service", "Result") == "success"
@@ -174,17 +185,46 @@ pkgs.testers.runNixOSTest {
             f"test \"$(systemctl show -P ExecMainStartTimestampMonotonic {order})\" != {started}"
         )
         staging.wait_until_succeeds(f"systemctl show -P ActiveState {order} | grep -qx failed", timeout=180)
-        staging.succeed(f"journalctl -u {retry}.service -o cat | grep -qF 'no certificate for {domain} yet'")
+        staging.succeed(f"journalctl -u {retry}.service -o cat | grep -qF 'no certificate for {domain} yet (no {certificate})'")
+
+        # Two days after the first failure: every 6 hours, so not 2 hours after the last order.
+        staging.succeed(f"echo {now - 2 * day} > {first_failure} && echo {now - 2 * 60 * 60} > {last_order}")
+        started = unit_property(staging, order, "ExecMainStartTimestampMonotonic")
+        staging.succeed(f"systemctl start {retry}.service")
+        assert unit_property(staging, f"{retry}.service", "Result") == "success"
+        staging.succeed(f"journalctl -u {retry}.service -o cat | grep -qF 'ordering every 360 min now, the next order in about'")
+        assert unit_property(staging, order, "ExecMainStartTimestampMonotonic") == started
+
+        # 30 days after the first failure: no more retries, and the timer stops.
+        staging.succeed(f"systemctl start {retry}.timer")
+        staging.succeed(f"echo {now - 30 * day} > {first_failure}")
+        staging.succeed(f"systemctl start {retry}.service")
+        staging.wait_until_fails(f"systemctl is-active {retry}.timer")
+        staging.succeed(f"journalctl -u {retry}.service -o cat | grep -qF 'no more retries'")
+        assert unit_property(staging, order, "ExecMainStartTimestampMonotonic") == started
+        # Back to the first hours, the timer on, for the next subtest.
+        staging.succeed(f"echo {now} > {first_failure} && systemctl start {retry}.timer")
 
     with subtest("once a certificate exists, plain HTTP redirects to HTTPS and the retries stop"):
         staging.succeed(f"touch {certificate}")
-        assert http_status("http://staging/") == "301 https://staging/"
+        # To the configured name, not the name or address the visitor used.
+        assert http_status("http://staging/") == f"301 https://{domain}/"
         assert client.succeed("curl -fsS http://staging/healthz") == "ok\n"
         assert staging.succeed("curl -fsS http://127.0.0.1/healthz") == "ok\n"
         started = unit_property(staging, order, "ExecMainStartTimestampMonotonic")
         staging.succeed(f"systemctl start {retry}.service")
         staging.wait_until_fails(f"systemctl is-active {retry}.timer")
         assert unit_property(staging, order, "ExecMainStartTimestampMonotonic") == started
+        # The schedule's state goes with the retries.
+        staging.fail(f"test -e {first_failure} || test -e {last_order}")
+
+    with subtest("the nightly upgrade on a host never deployed makes the deploy's state directory"):
+        staging.succeed("rm -rf /var/lib/nixos-ec2")
+        # The rebuild itself fails here (its flake does not exist): the preamble must get past the lock.
+        staging.execute(f"systemctl start {upgrade}")
+        staging.succeed(f"journalctl -u {upgrade} -o cat | grep -qF 'holding /var/lib/nixos-ec2/lock until this upgrade ends'")
+        assert staging.succeed("stat -c %a /var/lib/nixos-ec2").strip() == "700"
+        staging.succeed(f"systemctl reset-failed {upgrade}")
 
     with subtest("the nightly upgrade skips, and succeeds, while a deploy awaits its confirmation"):
         staging.succeed("mkdir -p /var/lib/nixos-ec2 && echo 'test-deploy 41' > /var/lib/nixos-ec2/pending-rollback")
