@@ -76,3 +76,5 @@ export const backendUrl = stateStore.backendUrl;
 export const secretsProvider = stateStore.secretsProvider;
 export const adminPublicKey = keys.adminPublicKey;
 export const adminPrivateKey = pulumi.secret(keys.adminPrivateKey);
+/** Each host's age recipient, for sops (`npm run sops-config`). */
+export const ageRecipients = Object.fromEntries(fleet.map(({ host }) => [host.name, keys.hostKeys[host.name].ageRecipient]));
