@@ -1,10 +1,11 @@
 import * as pulumi from "@pulumi/pulumi";
 import { Firewall } from "./components/firewall";
+import { HostSecrets } from "./components/hostSecrets";
 import { ADMIN_USER, NixosHost } from "./components/nixosHost";
 import { NixosDeployment } from "./components/nixosDeployment";
 import { SshKeys } from "./components/sshKeys";
 import { StateStore } from "./components/stateStore";
-import { readSettings } from "./lib/readSettings";
+import { readSecretValues, readSettings } from "./lib/readSettings";
 import { stackTags } from "./lib/tags";
 
 // Every configuration error is reported here, before any resource is registered.
@@ -21,6 +22,15 @@ const firewall = new Firewall("hosts", {
 });
 
 const keys = new SshKeys("ssh", { hostNames: settings.hosts.map((h) => h.name), tags });
+
+// Only a stack with secrets has the component (and its trigger key).
+const secrets =
+    settings.secrets.length === 0
+        ? undefined
+        : new HostSecrets("secrets", {
+              recipients: Object.fromEntries(settings.secrets.map((s) => [s.name, s.hosts])),
+              values: readSecretValues(settings),
+          });
 
 const fleet = settings.hosts.map((host) => {
     const server = new NixosHost(host.name, {
@@ -50,6 +60,8 @@ const fleet = settings.hosts.map((host) => {
         hostPublicKey: server.hostPublicKey,
         settings: settings.deploy,
         rebootPolicy: host.rebootPolicy,
+        secrets: secrets?.hosts[host.name]?.payload,
+        secretsTrigger: secrets?.hosts[host.name]?.trigger,
     });
     return { host, server, deployment };
 });
