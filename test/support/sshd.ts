@@ -21,8 +21,11 @@ const REPO = path.resolve(__dirname, "..", "..");
 export const DEPLOY_SCRIPT = path.join(REPO, "deploy", "nixos-deploy.sh");
 const HOST_BIN = path.join(REPO, "test", "fixtures", "host-bin");
 const FAKE_SWITCH = path.join(REPO, "test", "fixtures", "fake-system", "switch-to-configuration");
-/** The two halves of a reboot: host-bin/systemctl runs power-off; this module runs firmware-boot. */
-const REBOOT_FIXTURES = ["power-off", "firmware-boot"].map((name) => path.join(REPO, "test", "fixtures", name));
+/**
+ * The two halves of a reboot (host-bin/systemctl runs power-off; this module runs firmware-boot),
+ * and what starts a unit with its credentials (start-unit: systemctl restart, the switch, the boot).
+ */
+const HOST_FIXTURES = ["power-off", "firmware-boot", "start-unit"].map((name) => path.join(REPO, "test", "fixtures", name));
 const INITIAL_SYSTEM = "00000000000000000000000000000000-nixos-system-initial";
 const READY_TIMEOUT_MS = 10_000;
 
@@ -87,6 +90,13 @@ export interface HostBehaviour {
     notNixos?: boolean;
     /** The units a degraded new system lists as failed, each with its last log line (journalctl). */
     failedUnits?: Array<{ unit: string; log: string }>;
+    /**
+     * The host secrets the new system uses, each with the units that load it as a credential and
+     * restart when it changes (nix/modules/secrets.nix's restartUnits).
+     */
+    secretUnits?: Record<string, string[]>;
+    /** Units that fail to start (their ExecStart= fails), whoever starts them. */
+    unitFails?: string[];
 }
 
 export interface SshdOptions {
@@ -110,7 +120,7 @@ export interface TestSshd {
     readonly user: string;
     /** Everything of this server lives here; removed by stop(). */
     readonly dir: string;
-    /** The fake host's root: bin/, store/, profiles/, run/, state/, control/, units/, boot/, acme/, calls.log. */
+    /** The fake host's root: bin/, store/, profiles/, run/ (credentials/ too), state/, control/, units/, boot/, acme/, calls.log. */
     readonly hostDir: string;
     /** NIXOS_EC2_STATE_DIR on the fake host. */
     readonly stateDir: string;
@@ -187,7 +197,7 @@ function makeHost(hostDir: string, adminPublicKey: string): void {
         fs.chmodSync(path.join(hostDir, "bin", name), 0o755);
     }
     fs.copyFileSync(FAKE_SWITCH, path.join(hostDir, "fixtures", "switch-to-configuration"));
-    for (const fixture of REBOOT_FIXTURES) {
+    for (const fixture of HOST_FIXTURES) {
         fs.copyFileSync(fixture, path.join(hostDir, "fixtures", path.basename(fixture)));
     }
     fs.writeFileSync(path.join(hostDir, "admin.pub"), adminPublicKey);
@@ -411,6 +421,12 @@ export async function startSshd(options: SshdOptions = {}): Promise<TestSshd> {
             writeControl(hostDir, "no-boot-guard", b.noBootGuard);
             writeControl(hostDir, "not-nixos", b.notNixos);
             writeControl(hostDir, "failed-units", b.failedUnits?.map(({ unit, log }) => `${unit} ${log}\n`).join(""));
+            writeControl(
+                hostDir,
+                "secret-units",
+                b.secretUnits && Object.entries(b.secretUnits).map(([secret, units]) => `${secret} ${units.join(" ")}\n`).join(""),
+            );
+            writeControl(hostDir, "unit-fails", b.unitFails?.map((u) => `${u}\n`).join(""));
         },
         calls(): string[] {
             return readOr(path.join(hostDir, "calls.log"), "")
