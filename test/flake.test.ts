@@ -234,13 +234,13 @@ describeWithTools(["nix-instantiate"])("the flake in nix/ (nix-instantiate, stan
             }
         });
 
-        it("boots prod's settings as `server` and staging's, plus a pending domain, as `staging` in the VM test", () => {
+        it("boots prod's settings as `server` and staging's, plus a pending domain and /admin, as `staging` in the VM test", () => {
             for (const { web } of Object.values(flake.checks)) {
                 expect(web.settings.server).toEqual(flake.hosts.prod.settings);
                 const { web: domain, flake: _flake, ...staging } = web.settings.staging;
                 expect(staging).toEqual(flake.hosts.staging.settings);
                 expect(flake.hosts.staging.settings).toEqual({ autoUpgrade: { enable: true }, logging: { debug: true } });
-                expect(domain).toEqual({ domain: expect.stringMatching(/\.example\.org$/), acmeEmail: expect.any(String) });
+                expect(domain).toEqual({ domain: expect.stringMatching(/\.example\.org$/), acmeEmail: expect.any(String), admin: { enable: true } });
             }
         });
 

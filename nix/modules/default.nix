@@ -10,5 +10,6 @@
     ./web.nix
     ./upgrades.nix
     ./boot-guard.nix
+    ./secrets.nix
   ];
 }
