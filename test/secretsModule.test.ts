@@ -1,5 +1,5 @@
 /**
- * nix/modules/secrets.nix, evaluated with the stand-in lib
+ * nix/modules/secrets.nix and nix/modules/sops.nix, evaluated with the stand-in lib
  * (test/support/eval-host.nix): what a host that uses a secret asks of systemd, what the deploy
  * reads from the system, the constants the modules share with the deploy scripts, and that every
  * stack gives each host the secrets its configuration uses.
@@ -8,6 +8,8 @@ import { readFileSync } from "node:fs";
 import * as path from "node:path";
 import { SECRET_NAME_PATTERN } from "../lib/hostSecrets";
 import { listStacks, loadSettings } from "../lib/stacks";
+import { SOPS_FILES_DIR } from "../tools/sopsConfig";
+import { NIX_DIR } from "./support/nix";
 import { evalHost, HostEvaluation } from "./support/nixHost";
 import { describeWithTools } from "./support/tools";
 
@@ -111,5 +113,28 @@ describeWithTools(["nix-instantiate"])("nix/modules/secrets.nix (stand-in lib)",
         // Would be caught: staging with /admin and no secret for it.
         const staging = loadSettings("staging");
         expect(secretsUsed(await evalHost("staging", ADMIN)).filter((n) => !staging.secrets.some((s) => s.name === n))).toEqual(["webAdmin"]);
+    });
+});
+
+describeWithTools(["nix-instantiate"])("nix/modules/sops.nix (stand-in lib)", () => {
+    it("is off until a host turns it on", async () => {
+        const prod = await evalHost("prod");
+        expect(prod.options.sops).toEqual({ enable: false, file: path.join(NIX_DIR, "secrets", "prod.yaml") });
+        expect(prod.config.sops).toBeUndefined();
+    });
+
+    it("decrypts the host's own file with its SSH host key, and says how to make the file", async () => {
+        const host = await evalHost("prod", { sops: { enable: true } });
+        const ssh = read("nix/modules/ssh.nix");
+        const hostKey = /path = "([^"]+)";/.exec(ssh)?.[1];
+        expect(host.config.sops).toEqual({
+            defaultSopsFile: path.join(NIX_DIR, "secrets", "prod.yaml"),
+            age: { sshKeyPaths: [hostKey] },
+            gnupg: { sshKeyPaths: [] },
+        });
+        // npm run sops-config writes its rules for the same path.
+        expect(path.relative(REPO, host.config.sops.defaultSopsFile)).toBe(`${SOPS_FILES_DIR}/prod.yaml`);
+        const failed = (host.config.assertions as Array<{ assertion: boolean; message: string }>).filter((a) => !a.assertion).map((a) => a.message);
+        expect(failed).toEqual([expect.stringContaining("run `npm run sops-config -- <stack>`, then create it with `sops nix/secrets/prod.yaml` in the dev shell")]);
     });
 });

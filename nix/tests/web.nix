@@ -3,7 +3,7 @@
 # modules' defaults); `staging` has staging's, and a domain whose certificate stays pending:
 # the test network has no DNS and no way to Let's Encrypt. Needs Linux with KVM:
 # `nix flake check` runs it as checks.<system>.web.
-{ pkgs }:
+{ pkgs, sopsModule }:
 let
   domain = "staging.todo.example.org";
   # /admin's one user on `staging`, as the host secret webAdmin would hold it (an htpasswd line;
@@ -20,7 +20,10 @@ pkgs.testers.runNixOSTest {
       {
         # Every module of a deployed server except the EC2 image, which expects EC2's
         # disks and metadata service.
-        imports = [ ../modules ];
+        imports = [
+          ../modules
+          sopsModule
+        ];
         disabledModules = [ ../modules/ec2.nix ];
 
         # A user whose password sshd must refuse although it is the right one: the test
@@ -41,7 +44,10 @@ pkgs.testers.runNixOSTest {
     staging =
       { config, lib, ... }:
       {
-        imports = [ ../modules ];
+        imports = [
+          ../modules
+          sopsModule
+        ];
         disabledModules = [ ../modules/ec2.nix ];
 
         # What nix/hosts/staging.nix turns on.

@@ -32,6 +32,8 @@ let
       lib.nixosSystem = args: args;
       legacyPackages = throw "the host's modules evaluated nixpkgs.legacyPackages";
     };
+    # sops-nix's module declares only nixpkgs-side options (sops.*), which nothing here reads.
+    sops-nix.nixosModules.sops = { };
   };
   hostArgs = outputs.nixosConfigurations.${host};
 
