@@ -1,10 +1,11 @@
 import * as pulumi from "@pulumi/pulumi";
 import { Firewall } from "./components/firewall";
+import { HostSecrets } from "./components/hostSecrets";
 import { ADMIN_USER, NixosHost } from "./components/nixosHost";
 import { NixosDeployment } from "./components/nixosDeployment";
 import { SshKeys } from "./components/sshKeys";
 import { StateStore } from "./components/stateStore";
-import { readSettings } from "./lib/readSettings";
+import { readSecretValues, readSettings } from "./lib/readSettings";
 import { rolloutPlan } from "./lib/rollout";
 import { stackTags } from "./lib/tags";
 
@@ -22,6 +23,15 @@ const firewall = new Firewall("hosts", {
 });
 
 const keys = new SshKeys("ssh", { hostNames: settings.hosts.map((h) => h.name), tags });
+
+// Only a stack with secrets has the component (and its trigger key).
+const secrets =
+    settings.secrets.length === 0
+        ? undefined
+        : new HostSecrets("secrets", {
+              recipients: Object.fromEntries(settings.secrets.map((s) => [s.name, s.hosts])),
+              values: readSecretValues(settings),
+          });
 
 const servers = Object.fromEntries(
     settings.hosts.map((host) => [
@@ -62,6 +72,8 @@ for (const { host, canaryFor, afterCanary } of rolloutPlan(settings.hosts, setti
             hostPublicKey: server.hostPublicKey,
             settings: settings.deploy,
             rebootPolicy: host.rebootPolicy,
+            secrets: secrets?.hosts[host.name]?.payload,
+            secretsTrigger: secrets?.hosts[host.name]?.trigger,
             canaryFor,
             afterCanary,
         },
@@ -94,3 +106,5 @@ export const backendUrl = stateStore.backendUrl;
 export const secretsProvider = stateStore.secretsProvider;
 export const adminPublicKey = keys.adminPublicKey;
 export const adminPrivateKey = pulumi.secret(keys.adminPrivateKey);
+/** Each host's age recipient, for sops (`npm run sops-config`). */
+export const ageRecipients = Object.fromEntries(settings.hosts.map((host) => [host.name, keys.hostKeys[host.name].ageRecipient]));

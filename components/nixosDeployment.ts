@@ -36,6 +36,13 @@ export interface NixosDeploymentArgs {
      * that one confirmed, and not at all if it failed; that host's NixosDeployment goes in `opts.dependsOn`.
      */
     readonly afterCanary?: string;
+    /**
+     * The host's secrets as the deploy reads them (HostSecrets' payload; a secret). Absent: the host
+     * gets none, and a deploy removes any it had.
+     */
+    readonly secrets?: pulumi.Input<string>;
+    /** Changes whenever `secrets` does, and reveals nothing of them (HostSecrets' trigger; a secret). */
+    readonly secretsTrigger?: pulumi.Input<string>;
 }
 
 export interface DeployResult {
@@ -85,9 +92,13 @@ function flakeHashOnce(dir: string): string {
 }
 
 /**
- * Switches one host to its flake configuration whenever the flake, the host or its key changes.
- * What the component depends on (`opts.dependsOn`, a rollout's canary) the deploy itself waits
- * for: a component's own dependencies do not hold back its children.
+ * Switches one host to its flake configuration whenever the flake, the host, its key or its secrets
+ * change. What the component depends on (`opts.dependsOn`, a rollout's canary) the deploy itself
+ * waits for: a component's own dependencies do not hold back its children. A secret in `triggers`
+ * stays a secret through @pulumi/command: its provider (built on pulumi-go-provider's infer) marks
+ * an output secret when the input of the same name contains a secret (infer/resource.go,
+ * markSecret and ensureDefaultSecrets), so `triggers` is kept encrypted in state, and only the
+ * changed host is replaced.
  */
 export class NixosDeployment extends pulumi.ComponentResource {
     /** SHA-256 of the flake directory the host was switched to. */
@@ -108,7 +119,14 @@ export class NixosDeployment extends pulumi.ComponentResource {
                 create: run,
                 update: run,
                 // Nothing to undo on the host: destroying the deploy goes with destroying the instance.
-                triggers: [this.flakeHash, args.flakeAttr, args.instanceId, args.hostPublicKey],
+                // A host without secrets keeps the four triggers it had before secrets existed.
+                triggers: [
+                    this.flakeHash,
+                    args.flakeAttr,
+                    args.instanceId,
+                    args.hostPublicKey,
+                    ...(args.secretsTrigger === undefined ? [] : [pulumi.secret(args.secretsTrigger)]),
+                ],
                 addPreviousOutputInEnv: false,
                 environment: {
                     NIXOS_EC2_HOST: args.host,
@@ -123,6 +141,7 @@ export class NixosDeployment extends pulumi.ComponentResource {
                     NIXOS_EC2_ROLLBACK_TIMEOUT_SECONDS: String(args.settings.rollbackTimeoutSeconds),
                     NIXOS_EC2_ALLOW_FAILED_UNITS: String(args.settings.allowFailedUnits),
                     NIXOS_EC2_REBOOT_POLICY: args.rebootPolicy,
+                    ...(args.secrets === undefined ? {} : { NIXOS_EC2_SECRETS: pulumi.secret(args.secrets) }),
                 },
             },
             // Dependencies are not inputs: adding or removing a canary re-runs no deploy.

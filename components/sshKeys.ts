@@ -1,6 +1,7 @@
 import * as pulumi from "@pulumi/pulumi";
 import { KeyPair } from "@pulumi/aws/ec2/keyPair";
 import { PrivateKey } from "@pulumi/tls/privateKey";
+import { ageRecipientOf } from "../lib/age";
 
 /** ED25519 for both: short keys, no parameter choices, supported by EC2 key pairs and OpenSSH. */
 const KEY_ALGORITHM = "ED25519";
@@ -17,6 +18,11 @@ export interface HostKey {
     readonly publicKey: pulumi.Output<string>;
     /** OpenSSH private key, a secret; reaches the host through user-data only. */
     readonly privateKey: pulumi.Output<string>;
+    /**
+     * `age1...`, the age recipient sops-nix decrypts for on the host with this key
+     * (`sops.age.sshKeyPaths`), derived as ssh-to-age derives it (lib/age.ts). Public.
+     */
+    readonly ageRecipient: pulumi.Output<string>;
 }
 
 /** The admin key pair (EC2 installs it for root) and one pre-generated host key per host. */
@@ -40,9 +46,12 @@ export class SshKeys extends pulumi.ComponentResource {
         const hostKeys: Record<string, HostKey> = {};
         for (const host of args.hostNames) {
             const key = new PrivateKey(`${name}-host-${host}`, { algorithm: KEY_ALGORITHM }, { parent: this });
+            const privateKey = pulumi.secret(key.privateKeyOpenssh);
             hostKeys[host] = {
                 publicKey: key.publicKeyOpenssh.apply((k) => k.trim()),
-                privateKey: pulumi.secret(key.privateKeyOpenssh),
+                privateKey,
+                // A public key: nothing of the private one can be recovered from it.
+                ageRecipient: pulumi.unsecret(privateKey.apply(ageRecipientOf)),
             };
         }
         this.hostKeys = hostKeys;

@@ -6,8 +6,9 @@
 # Exactly two SSH connections per deploy:
 #   1. a ControlMaster, opened by the wait-for-SSH loop, that carries one session: the flake and
 #      deploy/remote-switch.sh as a tar stream, then the switch (a transient systemd unit on the
-#      host, so a dropped connection cannot stop it half way); when the new system cannot be
-#      switched to live and rebootPolicy allows it, a second session asks for the reboot;
+#      host, so a dropped connection cannot stop it half way); before it, when the host gets
+#      secrets, a session that hands them over as a tar stream on its stdin; when the new system
+#      cannot be switched to live and rebootPolicy allows it, a last session asks for the reboot;
 #   2. a fresh connection that confirms the new system still lets the admin in (after the
 #      reboot, that it booted the new system). Until it does, a timer on the host rolls back to
 #      the generation recorded before the switch (after a reboot: reboots into it).
@@ -36,7 +37,7 @@ readonly HOST_KEY_ALIAS=nixos-ec2-target
 readonly REMOTE_BUILD_FAILED=20 REMOTE_ROLLED_BACK=21 REMOTE_ROLLBACK_FAILED=22
 readonly REMOTE_BUSY=23 REMOTE_BAD_STATE=24 REMOTE_ALREADY_ROLLED_BACK=25 REMOTE_SUPERSEDED=26
 readonly REMOTE_BUILD_TIMED_OUT=27 REMOTE_ACTIVATION_TIMED_OUT=28 REMOTE_REBOOT_REFUSED=29
-readonly REMOTE_NOT_REBOOTED=32
+readonly REMOTE_NOT_REBOOTED=32 REMOTE_SECRETS_MISSING=33 REMOTE_BAD_SECRETS=34
 # Exit statuses of the bootstrap (remote_deploy_command), before remote-switch.sh runs.
 readonly UPLOAD_NO_SPACE=30 UPLOAD_FAILED=31
 readonly COMMAND_NOT_FOUND=127 SSH_FAILED=255
@@ -51,6 +52,11 @@ SOCKET_DIR=""
 MASTER_PID=""
 WATCHDOG_PID=""
 PRIVATE_KEY=""
+# NIXOS_EC2_SECRETS, until write_secrets has written each secret to a 0600 file.
+SECRETS=""
+# The names of the host secrets this deploy sends, comma-separated, or "-" for none.
+SECRET_NAMES="-"
+SECRET_PROBLEMS=()
 CONTROL_PATH=""
 CONTROL_OPT=()
 TARGET=""
@@ -137,6 +143,10 @@ validate_inputs() {
     fi
     if [[ $PRIVATE_KEY != *"-----BEGIN "*"PRIVATE KEY-----"* ]]; then
         errors+=("NIXOS_EC2_SSH_PRIVATE_KEY must hold an OpenSSH private key (it is empty or not a key; its value is not shown)")
+    fi
+    check_secrets
+    if ((${#SECRET_PROBLEMS[@]} > 0)); then
+        errors+=("${SECRET_PROBLEMS[@]}")
     fi
     # An ED25519 public key blob is always 51 bytes: this exact shape, nothing else.
     if [[ ! $HOST_PUBLIC_KEY =~ ^ssh-ed25519\ AAAAC3NzaC1lZDI1NTE5AAAAI[A-Za-z0-9+/]{43}(\ .*)?$ ]]; then
@@ -242,11 +252,41 @@ make_workdir() {
     CONTROL_OPT=(-o "ControlPath=$(ssh_path "$CONTROL_PATH")")
 }
 
-# The key moves from the environment into an unexported variable before any child process
-# starts, so none inherits it.
+# The key and the secrets move from the environment into unexported variables before any child
+# process starts, so none inherits them.
 take_private_key() {
     PRIVATE_KEY=${NIXOS_EC2_SSH_PRIVATE_KEY:-}
     unset NIXOS_EC2_SSH_PRIVATE_KEY
+    SECRETS=${NIXOS_EC2_SECRETS:-}
+    unset NIXOS_EC2_SECRETS
+}
+
+# The same pattern as SECRET_NAME_PATTERN in lib/hostSecrets.ts (a test keeps them equal).
+readonly SECRET_NAME_PATTERN='^[A-Za-z][A-Za-z0-9_-]{0,62}$'
+
+# NIXOS_EC2_SECRETS is a line "<name> <value in base64>" per secret, each name once (the
+# HostSecrets component makes it). Sets SECRET_NAMES, and SECRET_PROBLEMS, which name a line but
+# never quote its value.
+check_secrets() {
+    local rest=$SECRETS line name value n=0 names=()
+    while [[ -n $rest ]]; do
+        line=${rest%%$'\n'*}
+        if [[ $line == "$rest" ]]; then rest=""; else rest=${rest#*$'\n'}; fi
+        n=$((n + 1))
+        name=${line%% *}
+        value=${line#* }
+        if [[ $line != *" "* || ! $name =~ $SECRET_NAME_PATTERN || ! $value =~ ^[A-Za-z0-9+/]*={0,2}$ ]]; then
+            SECRET_PROBLEMS+=("NIXOS_EC2_SECRETS line $n must be '<name> <value in base64>', the name matching $SECRET_NAME_PATTERN (the value is not shown)")
+        elif [[ " ${names[*]-} " == *" $name "* ]]; then
+            SECRET_PROBLEMS+=("NIXOS_EC2_SECRETS names the secret $name twice")
+        else
+            names+=("$name")
+        fi
+    done
+    line="" value=""
+    if ((${#names[@]} > 0)); then
+        SECRET_NAMES=$(IFS=,; printf '%s' "${names[*]}")
+    fi
 }
 
 # Into a 0600 file (umask 077) without passing through argv: printf is a builtin.
@@ -258,9 +298,27 @@ write_credentials() {
     done
     printf '%s\n' "$key" >"$WORK/id"
     key=""
+    write_secrets
     local key_type key_blob
     read -r key_type key_blob _ <<<"$HOST_PUBLIC_KEY"
     printf '%s %s %s\n' "$HOST_KEY_ALIAS" "$key_type" "$key_blob" >"$WORK/known_hosts"
+}
+
+# Each secret into its own 0600 file under the work directory (umask 077), decoded by base64 from
+# a pipe that printf (a builtin) feeds: no value on a command line, and none in a here-document,
+# which bash may put in a temporary file outside the work directory.
+write_secrets() {
+    local rest=$SECRETS line
+    SECRETS=""
+    [[ $SECRET_NAMES != - ]] || return 0
+    mkdir "$WORK/secrets"
+    while [[ -n $rest ]]; do
+        line=${rest%%$'\n'*}
+        if [[ $line == "$rest" ]]; then rest=""; else rest=${rest#*$'\n'}; fi
+        printf '%s' "${line#* }" | base64 -d >"$WORK/secrets/${line%% *}" ||
+            fail "decoding the secret ${line%% *} of NIXOS_EC2_SECRETS failed (its value is not shown)" "check what the HostSecrets component hands the deploy"
+    done
+    line=""
 }
 
 set_ssh_options() {
@@ -458,7 +516,48 @@ remote_deploy_command() {
         'u=$(mktemp -d "$d/upload.$$.XXXXXX"); trap '"'"'rm -rf "$u"'"'"' HUP INT TERM PIPE; ' \
         'tar --no-same-owner -m -xf - -C "$u" || { s=$?; rm -rf "$u"; echo "nixos-ec2: receiving the upload into $u failed (tar exited $s); removed it" >&2; exit '"$UPLOAD_FAILED"'; }; ' \
         'trap - HUP INT TERM PIPE; ' \
-        'exec bash "$u/new/bin/remote-switch.sh" deploy "$u" '"$DEPLOY_ID $FLAKE_ATTR $ROLLBACK_TIMEOUT $ALLOW_FAILED_UNITS $BUILD_TIMEOUT $ACTIVATION_TIMEOUT $REBOOT_POLICY"
+        'exec bash "$u/new/bin/remote-switch.sh" deploy "$u" '"$DEPLOY_ID $FLAKE_ATTR $ROLLBACK_TIMEOUT $ALLOW_FAILED_UNITS $BUILD_TIMEOUT $ACTIVATION_TIMEOUT $REBOOT_POLICY $SECRET_NAMES"
+}
+
+# Expanded by the remote shell: unpacks the secrets from stdin into secrets.d/.incoming.<deploy id>
+# (0700, root's), the only place they are written before remote-switch.sh installs them; a
+# transfer that fails removes what arrived. Incoming sets older than STALE_UPLOAD_MINUTES belong
+# to deploys that died, and go.
+remote_secrets_command() {
+    # shellcheck disable=SC2016
+    printf '%s' 'set -eu; umask 077; s="${NIXOS_EC2_STATE_DIR:-'"$DEFAULT_STATE_DIR"'}/secrets.d"; [ -d "$s" ] || mkdir -p "$s"; chmod 700 "$s"; ' \
+        'find "$s" -maxdepth 1 -name ".incoming.*" -mmin +'"$STALE_UPLOAD_MINUTES"' -exec rm -rf {} + 2>/dev/null || true; ' \
+        'i="$s/.incoming.'"$DEPLOY_ID"'"; mkdir "$i"; trap '"'"'rm -rf "$i"'"'"' HUP INT TERM PIPE; ' \
+        'tar --no-same-owner -m -xf - -C "$i" || { c=$?; rm -rf "$i"; echo "nixos-ec2: receiving the secrets into $i failed (tar exited $c); removed them" >&2; exit '"$UPLOAD_FAILED"'; }'
+}
+
+# Over connection 1, before the switch: the secrets as a tar stream on the session's stdin.
+send_secrets() {
+    [[ $SECRET_NAMES != - ]] || return 0
+    local statuses=() status
+    log "handing the secrets ${SECRET_NAMES//,/, } to $WHERE over the same connection"
+    set +e
+    tar -C "$WORK/secrets" -cf - . |
+        ssh "${SSH_OPTS[@]}" -o ControlMaster=no "${CONTROL_OPT[@]}" "$TARGET" "$(remote_secrets_command)" >/dev/null 2>"$WORK/secrets.err"
+    statuses=("${PIPESTATUS[@]}")
+    set -e
+    rm -rf "$WORK/secrets"
+    bounded_log 1024 <"$WORK/secrets.err" >&2
+    status=${statuses[1]}
+    if ((statuses[0] != 0)); then
+        fail "packing the secrets for $WHERE failed (tar exited ${statuses[0]}); nothing was sent or changed" "check that ${TMPDIR:-/tmp} has space, then deploy again"
+    fi
+    case $status in
+    0) ;;
+    "$UPLOAD_FAILED")
+        fail "$WHERE could not store the secrets (see above); what arrived was removed and nothing was changed" \
+            "check the free space and the health of the host's disk (df -h $DEFAULT_STATE_DIR), then deploy again"
+        ;;
+    *)
+        fail "handing the secrets to $WHERE failed (remote exit status $status, see above); nothing was changed" \
+            "check the connection to the host, then deploy again"
+        ;;
+    esac
 }
 
 # remote_command ARGS...: runs the installed remote-switch.sh with ARGS (words that need no quoting).
@@ -624,6 +723,14 @@ copy_and_switch() {
     "$REMOTE_BAD_STATE")
         fail "$WHERE is not in a state this deploy can work with (see the error above); nothing was switched" \
             "$(host_log_hint)"
+        ;;
+    "$REMOTE_SECRETS_MISSING")
+        fail "#$FLAKE_ATTR uses host secrets that $WHERE does not get (named above); the host was not changed" \
+            "name this host for each of them in nixos-ec2:hostSecrets and set the value with 'pulumi config set --secret nixos-ec2:secret.<name>', or drop it from the host's configuration (nixosEc2.secrets)"
+        ;;
+    "$REMOTE_BAD_SECRETS")
+        fail "the secrets this deploy sent did not arrive whole on $WHERE (see above); the host was not changed" \
+            "deploy again"
         ;;
     "$REMOTE_BUSY")
         fail "another deploy or rollback is running on $WHERE" \
@@ -813,6 +920,7 @@ main() {
     open_master
     wait "$packing" || fail "copying $FLAKE_DIR into a temporary upload directory failed (see above)" \
         "check that every file under $FLAKE_DIR is readable and that ${TMPDIR:-/tmp} has space"
+    send_secrets
     copy_and_switch
     if [[ -n $BOOT_BEFORE ]]; then
         request_reboot

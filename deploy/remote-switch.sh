@@ -4,11 +4,13 @@
 # the rollback run as transient systemd units, so a dropped SSH connection cannot stop them half
 # way; the SSH sessions only start them and stream their log.
 #
-#   deploy UPLOAD ID ATTR ROLLBACK_S ALLOW BUILD_S ACTIVATE_S REBOOT_POLICY
+#   deploy UPLOAD ID ATTR ROLLBACK_S ALLOW BUILD_S ACTIVATE_S REBOOT_POLICY SECRETS
 #                                                   SSH session 1: run the switch unit
-#   switch UPLOAD ID ATTR ROLLBACK_S ALLOW BUILD_S ACTIVATE_S REBOOT_POLICY LOG
+#   switch UPLOAD ID ATTR ROLLBACK_S ALLOW BUILD_S ACTIVATE_S REBOOT_POLICY SECRETS LOG
 #                                                   (unit) install, build, arm the rollback, then
 #                                                   switch live or prepare a boot of the new system
+#                                                   (SECRETS: the names of the host secrets this
+#                                                   deploy sent, comma-separated, or "-")
 #   reboot ID                                       SSH session 1 again: reboot into the new system
 #   confirm ID ALLOW SETTLE_S                       SSH session 2: run the confirm unit, print JSON
 #   confirm-unit ID ALLOW SETTLE_S LOG              (unit) disarm, wait for systemd, health check
@@ -30,7 +32,7 @@
 # ("<deploy id> <generation> <new generation> <new system> <boot id> <window s>" while a deploy
 # waits for its reboot and confirmation), deploys/<id> (each deploy's outcome),
 # logs/<time>-<id>.log and deploy.log (a link to the newest log), last-rollback, result (the GC
-# root of the newest build).
+# root of the newest build); the host secrets (see "Host secrets" below).
 #
 # Commands that may leave processes behind get `9>&-`, so no stray process keeps the lock (fd 9).
 set -euo pipefail
@@ -59,7 +61,7 @@ readonly LOG_TAIL_LINES=40
 readonly EXIT_BUILD_FAILED=20 EXIT_ROLLED_BACK=21 EXIT_ROLLBACK_FAILED=22
 readonly EXIT_BUSY=23 EXIT_BAD_STATE=24 EXIT_ALREADY_ROLLED_BACK=25 EXIT_SUPERSEDED=26
 readonly EXIT_BUILD_TIMED_OUT=27 EXIT_ACTIVATION_TIMED_OUT=28 EXIT_REBOOT_REFUSED=29
-readonly EXIT_NOT_REBOOTED=32
+readonly EXIT_NOT_REBOOTED=32 EXIT_BAD_SECRETS=34
 # switch-to-configuration-ng (pkgs/by-name/sw/switch-to-configuration-ng/src/main.rs): exit 100
 # when the new init interface needs a reboot (after it installed the boot loader).
 readonly SWITCH_NEEDS_REBOOT=100
@@ -67,6 +69,28 @@ readonly SWITCH_NEEDS_REBOOT=100
 readonly PROGRESS_SECONDS=${NIXOS_EC2_PROGRESS_SECONDS:-60}
 # After its deadline a step gets SIGTERM, and SIGKILL this much later.
 readonly KILL_AFTER_SECONDS=15
+
+# Host secrets. Each deploy's secrets are one set, the directory secrets.d/<deploy id> (0700, each
+# secret a 0400 file named after it), and $STATE_DIR/secrets is a link to the set in use: services
+# read /var/lib/nixos-ec2/secrets/<name> (nix/modules/secrets.nix loads it with LoadCredential=).
+# The link is replaced by a rename, so it always names one whole set (as sops-nix switches
+# /run/secrets, atomicSymlink in pkgs/sops-install-secrets/main.go). A deploy's set goes live with
+# its system: just before a live activation, or in the new boot (boot-guard). pending-secrets holds
+# "<deploy id> <set in use before, or ->" until the deploy is confirmed (the old set goes) or rolled
+# back (the link goes back to the old set first, and the new set goes). nixos-deploy.sh sends the
+# set into secrets.d/.incoming.<deploy id> over the deploy's SSH connection; no secret is ever in a
+# file outside secrets.d.
+readonly SECRETS_LINK=$STATE_DIR/secrets
+readonly SECRET_SETS=$STATE_DIR/secrets.d
+readonly PENDING_SECRETS_FILE=$STATE_DIR/pending-secrets
+# nix/modules/secrets.nix writes "<secret> <unit>..." here for each secret a system uses.
+readonly SECRET_UNITS_FILE=etc/nixos-ec2/secret-units
+# The same pattern as SECRET_NAME_PATTERN in lib/hostSecrets.ts (a test keeps them equal).
+readonly SECRET_NAME_PATTERN='^[A-Za-z][A-Za-z0-9_-]{0,62}$'
+# An incoming set this old belongs to a deploy that died (a deploy installs its set within the
+# lock wait of receiving it).
+readonly STALE_INCOMING_MINUTES=120
+readonly EXIT_SECRETS_MISSING=33
 
 say() {
     printf '[%(%H:%M:%S)T] %s\n' -1 "$*"
@@ -175,6 +199,7 @@ roll_back() {
     fi
     say "rolling back to generation $generation: $reason"
     disarm "$id"
+    secrets_back "$id"
     if ! nix-env -p "$SYSTEM_PROFILE" --switch-generation "$generation"; then
         record_outcome "$id" "rollback-failed generation=$generation reason=$reason"
         say "error: could not switch $SYSTEM_PROFILE back to generation $generation"
@@ -190,6 +215,11 @@ roll_back() {
         return 1
         ;;
     esac
+    if [[ $SECRETS_WERE_LIVE == true ]]; then
+        restart_secret_users "$SYSTEM_PROFILE" "$id" "$PS_PREVIOUS" ||
+            say "warning: generation $generation is active again, but restarting the units that use the secrets it had before failed"
+    fi
+    forget_secrets "$id" drop
     note_rollback "$id" "$generation" "$reason"
     say "rolled back to generation $generation"
 }
@@ -528,6 +558,7 @@ undo_boot() {
     local id=$1 generation=$2 reason=$3
     say "undoing the prepared reboot: $reason"
     disarm "$id"
+    secrets_back "$id"
     grub_editenv unset next_entry || say "warning: could not clear GRUB's next_entry"
     if ! nix-env -p "$SYSTEM_PROFILE" --switch-generation "$generation" 9>&- ||
         ! "$(system_of_generation "$generation")/bin/switch-to-configuration" boot 9>&-; then
@@ -536,6 +567,7 @@ undo_boot() {
         return 1
     fi
     forget_boot
+    forget_secrets "$id" drop
     note_rollback "$id" "$generation" "$reason"
     say "rolled back to generation $generation (the running system was never changed)"
 }
@@ -548,6 +580,9 @@ reboot_back() {
     disarm "$id"
     # GRUB clears it at boot, unless it cannot write its environment block (LVM, RAID, ...).
     grub_editenv unset next_entry || say "warning: could not clear GRUB's next_entry"
+    # The previous generation boots with the secrets it had.
+    secrets_back "$id"
+    forget_secrets "$id" drop
     nix-env -p "$SYSTEM_PROFILE" --switch-generation "$generation" 9>&- || say "warning: nix-env could not switch $SYSTEM_PROFILE to generation $generation"
     "$(system_of_generation "$generation")/bin/switch-to-configuration" boot 9>&- || say "warning: reinstalling the boot loader for generation $generation failed; it should still be the default"
     forget_boot
@@ -560,6 +595,193 @@ reboot_back() {
     say "rebooting into generation $generation"
 }
 
+# secret_set_in_use: the set the secrets link names, or "-" when there is none.
+secret_set_in_use() {
+    local target
+    target=$(readlink "$SECRETS_LINK" 2>/dev/null) || {
+        printf -- '-'
+        return 0
+    }
+    printf '%s' "${target##*/}"
+}
+
+# point_secrets_at SET: the link names SET ("-": no link), replaced by a rename, never missing.
+point_secrets_at() {
+    local set=$1 link=$STATE_DIR/.secrets.link.$$
+    if [[ $set == - ]]; then
+        rm -f "$SECRETS_LINK"
+        return 0
+    fi
+    ln -sfn "secrets.d/$set" "$link"
+    mv -T "$link" "$SECRETS_LINK"
+}
+
+# read_pending_secrets: sets PS_ID and PS_PREVIOUS, empty when no deploy's set is pending.
+read_pending_secrets() {
+    PS_ID="" PS_PREVIOUS=""
+    if [[ -s $PENDING_SECRETS_FILE ]]; then
+        read -r PS_ID PS_PREVIOUS <"$PENDING_SECRETS_FILE" || true
+    fi
+}
+
+# check_incoming_secrets ID NAMES: the secrets deploy ID sent arrived, exactly NAMES ("a,b" or "-").
+check_incoming_secrets() {
+    local id=$1 names=$2 incoming=$SECRET_SETS/.incoming.$1 name file arrived=()
+    if [[ $names == - ]]; then
+        rm -rf "$incoming"
+        say "this host gets no secrets from this deploy"
+        return 0
+    fi
+    local expected=()
+    IFS=, read -r -a expected <<<"$names"
+    for name in "${expected[@]}"; do
+        [[ $name =~ $SECRET_NAME_PATTERN ]] || die "$EXIT_BAD_SECRETS" "the deploy named a secret ${name:0:80}, which is not a secret name; nothing was changed"
+        [[ -f $incoming/$name ]] || die "$EXIT_BAD_SECRETS" "secret $name did not arrive in $incoming; nothing was changed. Deploy again"
+    done
+    for file in "$incoming"/* "$incoming"/.[!.]*; do
+        [[ -e $file ]] || continue
+        name=${file##*/}
+        [[ ,$names, == *",$name,"* && -f $file && ! -L $file ]] ||
+            die "$EXIT_BAD_SECRETS" "$incoming holds ${name:0:80}, which this deploy did not send; nothing was changed"
+        arrived+=("$name")
+    done
+    say "received ${#arrived[@]} secret(s): ${arrived[*]}"
+}
+
+# check_secrets_delivered NAMES: every secret the new system uses (nix/modules/secrets.nix) is one
+# this deploy sent; a unit that loads a missing credential would not start.
+check_secrets_delivered() {
+    local names=",$1," name missing=() fields
+    [[ -f $NEW_SYSTEM/$SECRET_UNITS_FILE ]] || return 0
+    while read -r -a fields; do
+        ((${#fields[@]} > 0)) || continue
+        name=${fields[0]}
+        [[ $names == *",$name,"* ]] || missing+=("$name")
+    done <"$NEW_SYSTEM/$SECRET_UNITS_FILE"
+    if ((${#missing[@]} > 0)); then
+        die "$EXIT_SECRETS_MISSING" "the new system uses the secret(s) ${missing[*]} (nixosEc2.secrets), which this host does not get; this host was not changed. Give it them in nixos-ec2:hostSecrets (and set nixos-ec2:secret.<name>), or drop them from its configuration"
+    fi
+}
+
+# prune_secret_sets: removes every set but the one in use and a pending deploy's two, and incoming
+# sets of deploys that died.
+prune_secret_sets() {
+    local entry keep
+    read_pending_secrets
+    keep=" $(secret_set_in_use) $PS_ID $PS_PREVIOUS "
+    for entry in "$SECRET_SETS"/*; do
+        [[ -e $entry ]] || continue
+        [[ $keep == *" ${entry##*/} "* ]] || rm -rf "$entry"
+    done
+    find "$SECRET_SETS" -maxdepth 1 -name '.incoming.*' -mmin +"$STALE_INCOMING_MINUTES" -exec rm -rf {} + 2>/dev/null || true
+}
+
+# stage_secrets ID: what deploy ID sent (nothing: an empty set) becomes the set secrets.d/ID,
+# owned by this user (root), directory 0700 and files 0400; pending-secrets names it and the set
+# in use before it.
+stage_secrets() {
+    local id=$1 set=$SECRET_SETS/$1 incoming=$SECRET_SETS/.incoming.$1
+    [[ -d $SECRET_SETS ]] || mkdir -p "$SECRET_SETS"
+    chmod 0700 "$SECRET_SETS"
+    rm -rf "$set"
+    if [[ -d $incoming ]]; then
+        mv -T "$incoming" "$set"
+    else
+        mkdir "$set"
+    fi
+    chmod 0700 "$set"
+    find "$set" -mindepth 1 -maxdepth 1 -type f -exec chmod 0400 {} +
+    printf '%s %s\n' "$id" "$(secret_set_in_use)" >"$PENDING_SECRETS_FILE"
+    prune_secret_sets
+    read_pending_secrets
+}
+
+# secrets_live ID: deploy ID's set is the one in use (in the boot it was prepared for).
+secrets_live() {
+    read_pending_secrets
+    if [[ $PS_ID == "$1" && -d $SECRET_SETS/$1 ]]; then
+        point_secrets_at "$1"
+        say "deploy $1: its secrets are in place in $SECRETS_LINK"
+    fi
+}
+
+# secrets_back ID: the link names the set in use before deploy ID again; SECRETS_WERE_LIVE says
+# whether ID's set had been in use (then units may have read it).
+SECRETS_WERE_LIVE=false
+secrets_back() {
+    SECRETS_WERE_LIVE=false
+    read_pending_secrets
+    [[ $PS_ID == "$1" ]] || return 0
+    [[ $(secret_set_in_use) == "$1" ]] && SECRETS_WERE_LIVE=true
+    point_secrets_at "$PS_PREVIOUS"
+}
+
+# forget_secrets ID keep|drop: deploy ID is over; keep: its set stays and the one before goes
+# (a secret removed from the config is gone from the host now); drop: its own set goes.
+forget_secrets() {
+    local id=$1 how=$2
+    read_pending_secrets
+    [[ $PS_ID == "$id" ]] || return 0
+    if [[ $how == keep ]]; then
+        [[ $PS_PREVIOUS == - || $PS_PREVIOUS == "$id" || $PS_PREVIOUS == "$(secret_set_in_use)" ]] || rm -rf "${SECRET_SETS:?}/$PS_PREVIOUS"
+    else
+        [[ $(secret_set_in_use) == "$id" ]] || rm -rf "${SECRET_SETS:?}/$id"
+    fi
+    : >"$PENDING_SECRETS_FILE"
+}
+
+# changed_secrets A B: the names whose secret differs between sets A and B ("-": no set).
+changed_secrets() {
+    local a=$SECRET_SETS/$1 b=$SECRET_SETS/$2 file name
+    local -A seen=()
+    for file in "$a"/* "$b"/*; do
+        [[ -f $file ]] || continue
+        name=${file##*/}
+        [[ -z ${seen[$name]:-} ]] || continue
+        seen[$name]=1
+        if [[ ! -f $a/$name || ! -f $b/$name ]] || ! cmp -s "$a/$name" "$b/$name"; then
+            printf '%s\n' "$name"
+        fi
+    done
+}
+
+# secret_users SYSTEM A B: sets SECRET_USERS to the units SYSTEM declares for the secrets that
+# differ between sets A and B (nix/modules/secrets.nix, restartUnits); none when no secret changed,
+# even if SYSTEM uses secrets.
+SECRET_USERS=()
+secret_users() {
+    local system=$1 changed=() units=() fields name
+    SECRET_USERS=()
+    mapfile -t changed < <(changed_secrets "$2" "$3")
+    ((${#changed[@]} > 0)) || return 0
+    if [[ -f $system/$SECRET_UNITS_FILE ]]; then
+        while read -r -a fields; do
+            ((${#fields[@]} > 1)) || continue
+            for name in "${changed[@]}"; do
+                [[ $name == "${fields[0]}" ]] && units+=("${fields[@]:1}")
+            done
+        done <"$system/$SECRET_UNITS_FILE"
+    fi
+    if ((${#units[@]} == 0)); then
+        say "secrets changed (${changed[*]}); no unit of this system uses them"
+        return 0
+    fi
+    mapfile -t SECRET_USERS < <(printf '%s\n' "${units[@]}" | sort -u)
+    say "secrets changed (${changed[*]}): restarting ${SECRET_USERS[*]}"
+}
+
+# restart_secret_users SYSTEM A B [SECONDS]: restarts those units in one systemctl call, within
+# SECONDS when given (systemctl waits for each unit's start job).
+restart_secret_users() {
+    secret_users "$1" "$2" "$3"
+    ((${#SECRET_USERS[@]} > 0)) || return 0
+    if [[ -n ${4:-} ]]; then
+        with_deadline "restarting ${SECRET_USERS[*]}" "$4" systemctl restart "${SECRET_USERS[@]}"
+    else
+        systemctl restart "${SECRET_USERS[@]}" 9>&-
+    fi
+}
+
 # Globals, not locals: the EXIT traps below run after switch_body has returned.
 UPLOAD=""
 DEPLOY_ID=""
@@ -567,7 +789,7 @@ PREVIOUS_GENERATION=""
 
 on_switch_exit() {
     local status=$1
-    rm -rf "$UPLOAD"
+    rm -rf "$UPLOAD" "$SECRET_SETS/.incoming.$DEPLOY_ID"
     if [[ -n $PREVIOUS_GENERATION ]] && ((status != 0 && status != EXIT_ROLLED_BACK && status != EXIT_ROLLBACK_FAILED && status != EXIT_ACTIVATION_TIMED_OUT && status != EXIT_REBOOT_REFUSED)); then
         roll_back "$DEPLOY_ID" "$PREVIOUS_GENERATION" "the switch step failed unexpectedly (exit status $status)" ||
             exit "$EXIT_ROLLBACK_FAILED"
@@ -589,13 +811,15 @@ refuse_reboot() {
             die "$EXIT_ROLLBACK_FAILED" "could not make generation $previous the profile and the boot default again"
         fi
     fi
+    secrets_back "$id"
+    forget_secrets "$id" drop
     record_outcome "$id" "refused generation=$previous reason=needs a reboot"
     die "$EXIT_REBOOT_REFUSED" "deploy $id needs a reboot: $REBOOT_REASON. rebootPolicy is never, so the host was not rebooted; it still runs and boots generation $previous. Set rebootPolicy to when-required (or hosts.<name>.rebootPolicy for this host) to deploy this change with a reboot"
 }
 
 ROLLBACK_SECONDS=""
 switch_body() {
-    local attr=$3 rollback_seconds=$4 allow=$5 build_seconds=$6 activate_seconds=$7 policy=$8
+    local attr=$3 rollback_seconds=$4 allow=$5 build_seconds=$6 activate_seconds=$7 policy=$8 secrets=$9
     ROLLBACK_SECONDS=$rollback_seconds
     UPLOAD=$1
     DEPLOY_ID=$2
@@ -606,8 +830,10 @@ switch_body() {
     prune_old_files
     roll_back_unconfirmed_deploy "$DEPLOY_ID"
     install_upload "$UPLOAD" "$DEPLOY_ID"
+    check_incoming_secrets "$DEPLOY_ID" "$secrets"
     build_system "$attr" "$build_seconds"
     check_nixos_system "$attr"
+    check_secrets_delivered "$secrets"
     local previous generation
     previous=$(current_generation)
     needs_reboot "$policy" "$activate_seconds"
@@ -615,13 +841,23 @@ switch_body() {
         arm_rollback "$DEPLOY_ID" "$previous" "$rollback_seconds"
         # From here on an unexpected failure rolls back at once instead of waiting for the timer.
         PREVIOUS_GENERATION=$previous
+        stage_secrets "$DEPLOY_ID"
+        # The new system's services start (and restart) with the new secrets.
+        point_secrets_at "$DEPLOY_ID"
         activate "$DEPLOY_ID" "$previous" "$allow" "$activate_seconds"
         if [[ -z $REBOOT_REASON ]]; then
+            # Units whose secrets changed restart even when the system itself did not change.
+            if ! restart_secret_users "$NEW_SYSTEM" "$PS_PREVIOUS" "$DEPLOY_ID" "$activate_seconds"; then
+                roll_back "$DEPLOY_ID" "$previous" "restarting the units that use changed secrets failed" || exit "$EXIT_ROLLBACK_FAILED"
+                exit "$EXIT_ROLLED_BACK"
+            fi
             generation=$(current_generation)
             record_outcome "$DEPLOY_ID" "switched generation=$generation"
             say "switched to generation $generation"
             return 0
         fi
+        # Not live after all: the running system keeps its secrets until the new boot.
+        point_secrets_at "$PS_PREVIOUS"
     fi
     say "the new system needs a reboot: $REBOOT_REASON"
     if [[ $policy == never ]]; then
@@ -632,6 +868,8 @@ switch_body() {
         # Until the reboot, the same timer undoes the prepared boot if the deploy goes away.
         arm_rollback "$DEPLOY_ID" "$previous" "$rollback_seconds"
         PREVIOUS_GENERATION=$previous
+        # Staged only: the new boot puts them in place (boot-guard), before the units that use them.
+        stage_secrets "$DEPLOY_ID"
     fi
     prepare_boot "$DEPLOY_ID" "$previous" "$activate_seconds"
 }
@@ -757,6 +995,7 @@ confirm_body() {
         exit "$EXIT_ROLLED_BACK"
     fi
     record_outcome "$id" "confirmed generation=$(current_generation)"
+    forget_secrets "$id" keep
     say "deploy $id confirmed"
 }
 
@@ -784,6 +1023,8 @@ confirm_boot_body() {
     if [[ $booted != "$PB_SYSTEM" || $current != "$PB_SYSTEM" ]]; then
         local reason="the host came back on ${booted:-an unknown system}, not on generation $PB_GENERATION ($PB_SYSTEM): the new boot failed and GRUB booted the default"
         forget_boot
+        secrets_back "$id"
+        forget_secrets "$id" drop
         note_rollback "$id" "$PB_PREVIOUS" "$reason"
         die "$EXIT_ROLLED_BACK" "$reason; generation $PB_PREVIOUS runs again"
     fi
@@ -800,6 +1041,8 @@ confirm_boot_body() {
     fi
     forget_boot
     record_outcome "$id" "confirmed generation=$PB_GENERATION rebooted"
+    secrets_live "$id"
+    forget_secrets "$id" keep
     say "deploy $id confirmed; generation $PB_GENERATION is the boot default"
 }
 
@@ -829,6 +1072,8 @@ rollback_body() {
 record_failed_trial() {
     grub_editenv unset next_entry || say "warning: could not clear GRUB's next_entry"
     forget_boot
+    secrets_back "$PB_ID"
+    forget_secrets "$PB_ID" drop
     note_rollback "$PB_ID" "$PB_PREVIOUS" "the host did not come up on generation $PB_GENERATION and booted ${1:-an unknown system} (GRUB's default) instead"
     say "deploy $PB_ID: generation $PB_GENERATION did not come up; the host booted generation $PB_PREVIOUS again"
 }
@@ -844,6 +1089,8 @@ boot_guard_body() {
         grub_editenv unset next_entry || say "warning: could not clear GRUB's next_entry"
         if [[ $current == "$PB_SYSTEM" ]]; then
             arm_timer "$PB_ID" "$PB_WINDOW"
+            # Before the units that use them (nix/modules/secrets.nix orders them after this unit).
+            secrets_live "$PB_ID"
             record_outcome "$PB_ID" "booted generation=$PB_GENERATION"
             say "deploy $PB_ID: booted generation $PB_GENERATION on trial; unless the deploy confirms it within ${PB_WINDOW}s, the host reboots into generation $PB_PREVIOUS"
         else
@@ -859,6 +1106,9 @@ boot_guard_body() {
     if [[ $current == "$old" ]]; then
         nix-env -p "$SYSTEM_PROFILE" --switch-generation "$PENDING_GENERATION" 9>&- || true
         "$old/bin/switch-to-configuration" boot 9>&- || say "warning: reinstalling the boot loader for generation $PENDING_GENERATION failed"
+        # Before the units that use them start (nix/modules/secrets.nix orders them after this unit).
+        secrets_back "$PENDING_ID"
+        forget_secrets "$PENDING_ID" drop
         forget_boot
         note_rollback "$PENDING_ID" "$PENDING_GENERATION" "the host rebooted into generation $PENDING_GENERATION before deploy $PENDING_ID was confirmed"
         say "deploy $PENDING_ID was not confirmed before the reboot; generation $PENDING_GENERATION runs and is the default again"
@@ -898,7 +1148,7 @@ with_log() {
 }
 
 cmd_deploy() {
-    local upload=$1 id=$2 attr=$3 rollback_seconds=$4 allow=$5 build_seconds=$6 activate_seconds=$7 policy=$8 log status=0 generation=""
+    local upload=$1 id=$2 attr=$3 rollback_seconds=$4 allow=$5 build_seconds=$6 activate_seconds=$7 policy=$8 secrets=$9 log status=0 generation=""
     [[ -d $LOG_DIR ]] || mkdir -p "$LOG_DIR"
     log=$LOG_DIR/$(printf '%(%Y%m%dT%H%M%S)T' -1)-$id.log
     : >"$log"
@@ -906,7 +1156,7 @@ cmd_deploy() {
     # First stdout line: nixos-deploy.sh points its hints at this log only once it exists.
     printf 'log=%s\n' "$log"
     run_unit "nixos-ec2-switch-$id" "nixos-ec2: deploy $id, switch to $attr" \
-        switch "$upload" "$id" "$attr" "$rollback_seconds" "$allow" "$build_seconds" "$activate_seconds" "$policy" "$log" || status=$?
+        switch "$upload" "$id" "$attr" "$rollback_seconds" "$allow" "$build_seconds" "$activate_seconds" "$policy" "$secrets" "$log" || status=$?
     # nixos-deploy.sh names the generation a rollback returns to in its messages.
     read_pending
     if [[ $PENDING_ID == "$id" ]]; then
@@ -963,12 +1213,12 @@ main() {
     shift || true
     case $command in
     deploy)
-        need_args 8 "$@"
+        need_args 9 "$@"
         cmd_deploy "$@"
         ;;
     switch)
-        need_args 9 "$@"
-        with_log "$9" switch_body "${@:1:8}"
+        need_args 10 "$@"
+        with_log "${10}" switch_body "${@:1:9}"
         ;;
     reboot)
         need_args 1 "$@"

@@ -10,6 +10,7 @@ import { closest, distance } from "fastest-levenshtein";
 import { z } from "zod";
 import { documentationRangeOf, networkList, wholeInternetCovered } from "./cidr";
 import { cut, declare, KeyDeclaration, optionalId, readKey, show, trueOrFalse, wholeNumber } from "./configSchema";
+import { hostSecretsSchema, SECRET_KEY_PREFIX, SECRET_NAMES_ALLOWED, SecretSettings, secretProblems, secretsOf } from "./hostSecrets";
 import { NetworkFile } from "./network";
 
 export const PROJECT = "nixos-ec2";
@@ -246,6 +247,15 @@ export const KEYS = {
             "and the others start only after it confirmed; if it fails they are not touched. A flakeAttr with one host is the same either way.",
         schema: (bad) => z.enum(ROLLOUTS, bad("is not a rollout")),
     }),
+    hostSecrets: declare({
+        type: "object",
+        default: {},
+        allowed: `a map of secret ${SECRET_NAMES_ALLOWED} to "all" or a list of host names, e.g. {"webAdmin": ["staging"], "apiToken": "all"}`,
+        description:
+            "Which hosts get which secret. Each secret's value is the Pulumi secret nixos-ec2:secret.<name> (pulumi config set --secret); " +
+            "each deploy writes a host's secrets to /var/lib/nixos-ec2/secrets/<name> (root, 0400) over its SSH connection, and removes those it no longer gets.",
+        schema: hostSecretsSchema,
+    }),
 } satisfies Record<string, KeyDeclaration>;
 
 export type KeyName = keyof typeof KEYS;
@@ -286,6 +296,8 @@ export interface Settings extends Pick<Values, "nixosRelease" | "ami" | "elastic
     readonly publicTcpPorts: number[];
     readonly hosts: HostSettings[];
     readonly deploy: DeploySettings;
+    /** The host secrets, by name, each with the hosts that get it (the values stay in config). */
+    readonly secrets: SecretSettings[];
     /**
      * Config that is not wrong but probably not meant: a key in a misspelt namespace, an SSH CIDR
      * from the documentation ranges.
@@ -352,6 +364,9 @@ function strayKeys(config: FullConfig, problems: string[], warnings: string[]): 
         const at = full.indexOf(":");
         if (at < 0) continue;
         const [namespace, name] = [full.slice(0, at), full.slice(at + 1)];
+        // Secrets' values (lib/hostSecrets.ts checks them); their keys are no typos of a project key.
+        if (namespace === PROJECT && name.startsWith(SECRET_KEY_PREFIX)) continue;
+        if (namespace === PROJECT && name === "secret") continue;
         if (namespace === PROJECT && !names.includes(name)) {
             const near = closest(name, names);
             const hint = distance(name.toLowerCase(), near.toLowerCase()) <= 3 ? `; did you mean ${key(near)}?` : "";
@@ -490,17 +505,25 @@ function hostsOf(stack: string, v: Values): HostSettings[] {
     });
 }
 
+function hostNamesOf(stack: string, hosts: Values["hosts"]): string[] {
+    return Object.keys(hosts).length > 0 ? Object.keys(hosts) : [stack];
+}
+
 /**
  * Parse and validate the config Pulumi hands the program (full keys, as `allConfig()` returns
- * them); `network` is nix/network.json as read by `readNetworkFile`.
+ * them; `secretKeys` are those Pulumi holds as secrets); `network` is nix/network.json as read by
+ * `readNetworkFile`.
  */
-export function parseSettings(stack: string, config: FullConfig, network: NetworkFile): Settings {
+export function parseSettings(stack: string, config: FullConfig, network: NetworkFile, secretKeys: readonly string[] = []): Settings {
     const region = config["aws:region"];
     const problems = [...network.problems, ...stackProblems(stack, region)];
     const warnings: string[] = [];
     strayKeys(config, problems, warnings);
     const values = readValues(stack, config, problems);
     for (const rule of RULES) problems.push(...rule(values, stack, network));
+    if (values.hostSecrets !== undefined && values.hosts !== undefined) {
+        problems.push(...secretProblems({ project: PROJECT, stack, hostSecrets: values.hostSecrets, hostNames: hostNamesOf(stack, values.hosts), config, secretKeys }));
+    }
     if (problems.length > 0) throw new ConfigError(stack, problems);
     for (const rule of WARNING_RULES) warnings.push(...rule(values, stack, network));
 
@@ -525,6 +548,7 @@ export function parseSettings(stack: string, config: FullConfig, network: Networ
             rollbackTimeoutSeconds: v.rollbackTimeoutSeconds,
             allowFailedUnits: v.allowFailedUnits,
         },
+        secrets: secretsOf(PROJECT, v.hostSecrets, hostNamesOf(stack, v.hosts)),
         warnings,
     };
 }

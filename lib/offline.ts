@@ -10,7 +10,9 @@
 import { createHash } from "node:crypto";
 import * as path from "node:path";
 import type * as PulumiModule from "@pulumi/pulumi";
+import { ageRecipientOf } from "./age";
 import { NIXOS_AMI_OWNER } from "./config";
+import { ed25519PublicKeyOfSeed, formatEd25519PrivateKey, formatEd25519PublicKey } from "./opensshKey";
 import { PROJECT_DIR, StackConfig } from "./stacks";
 
 /** What an output that only a real deploy can know reads as. */
@@ -76,6 +78,8 @@ export interface OfflineOptions {
     readonly stack: string;
     /** Full keys (`nixos-ec2:hosts`, `aws:region`) to config strings, e.g. from loadStackConfig. */
     readonly config: StackConfig;
+    /** The keys of `config` whose values are secrets (`pulumi config set --secret`). */
+    readonly secretKeys?: readonly string[];
     /** The program module; the project's index.ts by default. */
     readonly program?: string;
     /** Receives each resource as it registers, so a caller sees them even when the program throws. */
@@ -93,20 +97,15 @@ function digest(text: string, length: number): string {
     return createHash("sha256").update(text).digest("hex").slice(0, length);
 }
 
-/** A well-formed but fake ED25519 public key, the same for the same resource name. */
-function fakePublicKey(name: string): string {
-    const blob = Buffer.concat([
-        Buffer.from([0, 0, 0, 11]),
-        Buffer.from("ssh-ed25519"),
-        Buffer.from([0, 0, 0, 32]),
-        createHash("sha256").update(`public:${name}`).digest(),
-    ]);
-    return `ssh-ed25519 ${blob.toString("base64")}\n`;
-}
-
-function fakePrivateKey(name: string): string {
-    const body = createHash("sha512").update(`private:${name}`).digest("base64");
-    return `-----BEGIN OPENSSH PRIVATE KEY-----\n${body}\n-----END OPENSSH PRIVATE KEY-----\n`;
+/**
+ * A real ED25519 key pair in OpenSSH's formats, the same for the same resource name: a stand-in for
+ * what tls.PrivateKey generates, which the program derives from (the host's age recipient). Fake
+ * only in that anyone can compute it from the name.
+ */
+export function fakeKeyPair(name: string): { publicKey: string; privateKey: string } {
+    const seed = createHash("sha256").update(`seed:${name}`).digest();
+    const check = createHash("sha256").update(`check:${name}`).digest().readUInt32BE(0);
+    return { publicKey: `${formatEd25519PublicKey(ed25519PublicKeyOfSeed(seed))}\n`, privateKey: formatEd25519PrivateKey(seed, check) };
 }
 
 function amiDescription(args: Record<string, unknown>): string {
@@ -134,9 +133,14 @@ function mockState(
     };
     switch (type) {
         case "tls:index/privateKey:PrivateKey": {
-            const publicKey = fakePublicKey(name);
+            const { publicKey, privateKey } = fakeKeyPair(name);
             standIn(publicKey.trim(), `public key of ${name}`);
-            return { ...inputs, publicKeyOpenssh: publicKey, privateKeyOpenssh: fakePrivateKey(name) };
+            standIn(ageRecipientOf(privateKey), `age recipient of ${name}`);
+            return { ...inputs, publicKeyOpenssh: publicKey, privateKeyOpenssh: privateKey };
+        }
+        case "random:index/randomBytes:RandomBytes": {
+            const bytes = createHash("sha512").update(`bytes:${name}`).digest().subarray(0, Number(inputs.length ?? 32));
+            return { ...inputs, hex: bytes.toString("hex"), base64: bytes.toString("base64") };
         }
         case "random:index/randomString:RandomString": {
             const result = digest(`suffix:${name}`, Number(inputs.length ?? 8)).replace(/[^a-z0-9]/g, "a");
@@ -240,7 +244,7 @@ export async function runOffline(options: OfflineOptions): Promise<OfflineRun> {
         // A dry run, as `pulumi preview` is: unknown values stay unknown instead of reaching apply().
         true,
     );
-    pulumi.runtime.setAllConfig(options.config, []);
+    pulumi.runtime.setAllConfig(options.config, [...(options.secretKeys ?? [])]);
 
     // The mock monitor hands `newResource` no parent, dependencies or options: record them here.
     const monitor = pulumi.runtime.getMonitor() as unknown as {

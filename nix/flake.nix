@@ -2,9 +2,16 @@
   description = "The NixOS servers that nixos-ec2 deploys to AWS EC2";
 
   inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-26.05";
+  # Secrets kept in git, encrypted with sops (nix/modules/sops.nix); off until a host uses it.
+  inputs.sops-nix.url = "github:Mic92/sops-nix";
+  inputs.sops-nix.inputs.nixpkgs.follows = "nixpkgs";
 
   outputs =
-    { self, nixpkgs }:
+    {
+      self,
+      nixpkgs,
+      sops-nix,
+    }:
     let
       # One line per host of the Pulumi stacks: its flakeAttr, and the platform of its
       # instance type (Graviton types such as t4g, m7g or c7gn are "aarch64-linux").
@@ -36,6 +43,7 @@
           inherit system;
           modules = [
             ./modules
+            sops-nix.nixosModules.sops
             ./hosts/${name}.nix
             {
               networking.hostName = name;
@@ -51,12 +59,15 @@
       devShells = forSystems devSystems (pkgs: {
         default = pkgs.mkShellNoCC {
           packages = with pkgs; [
+            age
             awscli2
             nixfmt
             nodejs_22
             openssh
             pulumi
             shellcheck
+            sops
+            ssh-to-age
           ];
         };
       });
@@ -64,7 +75,10 @@
       formatter = forSystems devSystems (pkgs: pkgs.nixfmt-tree);
 
       checks = forSystems testSystems (pkgs: {
-        web = import ./tests/web.nix { inherit pkgs; };
+        web = import ./tests/web.nix {
+          inherit pkgs;
+          sopsModule = sops-nix.nixosModules.sops;
+        };
       });
     };
 }

@@ -71,6 +71,7 @@ describe("parseSettings", () => {
                 },
             ],
             deploy: { connectTimeoutSeconds: 600, buildTimeoutSeconds: 3600, activationTimeoutSeconds: 90, rollbackTimeoutSeconds: 120, allowFailedUnits: false },
+            secrets: [],
             warnings: [],
         });
     });

@@ -15,7 +15,7 @@ const REPO = path.resolve(__dirname, "..");
 
 /** Every script the project ships or runs on the fake host. */
 function shellScripts(): string[] {
-    const dirs = ["deploy", "test/fixtures/host-bin", "test/fixtures/fake-system"];
+    const dirs = ["deploy", "test/fixtures", "test/fixtures/host-bin", "test/fixtures/fake-system"];
     return dirs.flatMap((dir) =>
         fs
             .readdirSync(path.join(REPO, dir))
@@ -37,6 +37,8 @@ describeWithTools(["shellcheck"])("deploy scripts", () => {
                 "test/fixtures/host-bin/systemctl",
                 "test/fixtures/host-bin/curl",
                 "test/fixtures/fake-system/switch-to-configuration",
+                "test/fixtures/start-unit",
+                "test/fixtures/firmware-boot",
             ]),
         );
         const result = spawnSync("shellcheck", ["--severity=style", ...scripts], { encoding: "utf8" });

@@ -16,6 +16,7 @@ import {
     nixFiles,
     parseNixFiles,
     publicPortsOfSecurityGroup,
+    sopsNixLockProblems,
 } from "./support/nix";
 import { runProgram } from "./support/program";
 import { tempDir } from "./support/tempDir";
@@ -118,6 +119,34 @@ describeWithTools(["nix-instantiate"])("the flake in nix/ (nix-instantiate, stan
     describe("flake.lock against flake.nix", () => {
         it("was locked for the nixpkgs URL that flake.nix asks for", () => {
             expect(flakeLockProblems(readLock(), flake.nixpkgsUrl)).toEqual([]);
+        });
+
+        it("pins sops-nix to an exact revision and NAR hash, its nixpkgs following the flake's", () => {
+            expect(flake.sopsNixUrl).toBe("github:Mic92/sops-nix");
+            expect(flake.sopsNixFollows).toBe("nixpkgs");
+            expect(sopsNixLockProblems(readLock(), flake.sopsNixUrl, flake.sopsNixFollows)).toEqual([]);
+            // The lock's sops-nix node has no nixpkgs of its own.
+            expect(Object.keys((readLock() as { nodes: object }).nodes).sort()).toEqual(["nixpkgs", "root", "sops-nix"]);
+        });
+
+        it("notices a sops-nix lock that is not exact, not for flake.nix's URL, or with its own nixpkgs", () => {
+            const lock = readLock() as { nodes: Record<string, { inputs?: unknown; locked: Record<string, unknown>; original: Record<string, unknown> }> };
+            const edited = (f: (l: typeof lock) => void) => {
+                const copy = JSON.parse(JSON.stringify(lock)) as typeof lock;
+                f(copy);
+                return sopsNixLockProblems(copy, flake.sopsNixUrl, flake.sopsNixFollows);
+            };
+            expect(edited((l) => (l.nodes["sops-nix"].locked.rev = "d8be5ea"))).toEqual([expect.stringContaining("is not a 40-digit hex commit")]);
+            expect(edited((l) => delete l.nodes["sops-nix"].locked.narHash)).toEqual([expect.stringContaining("is not an SRI sha256 hash")]);
+            expect(edited((l) => (l.nodes["sops-nix"].original.ref = "master"))).toEqual([
+                "flake.nix asks for github:Mic92/sops-nix, but flake.lock was locked for github:Mic92/sops-nix/master",
+            ]);
+            expect(edited((l) => (l.nodes["sops-nix"].inputs = { nixpkgs: "nixpkgs_2" }))).toEqual([expect.stringContaining("should follow nixpkgs")]);
+        });
+
+        it("imports sops-nix's module into every host, beside the project's modules", () => {
+            expect(Object.keys(flake.hostsImportSopsNix).length).toBeGreaterThan(0);
+            for (const [host, imports] of Object.entries(flake.hostsImportSopsNix)) expect({ host, imports }).toEqual({ host, imports: true });
         });
 
         it("tracks the NixOS release whose AMI new hosts boot (nixosRelease of every stack)", () => {
@@ -234,13 +263,13 @@ describeWithTools(["nix-instantiate"])("the flake in nix/ (nix-instantiate, stan
             }
         });
 
-        it("boots prod's settings as `server` and staging's, plus a pending domain, as `staging` in the VM test", () => {
+        it("boots prod's settings as `server` and staging's, plus a pending domain and /admin, as `staging` in the VM test", () => {
             for (const { web } of Object.values(flake.checks)) {
                 expect(web.settings.server).toEqual(flake.hosts.prod.settings);
                 const { web: domain, flake: _flake, ...staging } = web.settings.staging;
                 expect(staging).toEqual(flake.hosts.staging.settings);
                 expect(flake.hosts.staging.settings).toEqual({ autoUpgrade: { enable: true }, logging: { debug: true } });
-                expect(domain).toEqual({ domain: expect.stringMatching(/\.example\.org$/), acmeEmail: expect.any(String) });
+                expect(domain).toEqual({ domain: expect.stringMatching(/\.example\.org$/), acmeEmail: expect.any(String), admin: { enable: true } });
             }
         });
 

@@ -18,7 +18,9 @@ interface CliCommand {
  * Checked in pulumi/pulumi: `pulumi stack migrate <url> [stack-name]` with `--secrets-provider`,
  * `--target`, `--yes`, `--force` is in tag v3.254.0 (pkg/cmd/pulumi/stack/stack_migrate.go);
  * `up --continue-on-error` in v3.112.0, `state rename` in v3.26.0, `destroy --exclude-protected`
- * in v3.18.0. "3.0" marks commands that every 3.x has.
+ * in v3.18.0. "3.0" marks commands that every 3.x has: among them `config set --secret` and
+ * `config rm` (pkg/cmd/pulumi/config/config.go) and `stack output --json`
+ * (pkg/cmd/pulumi/stack/stack_output.go).
  */
 const CLI: Record<string, CliCommand> = {
     login: { flags: ["--local"], since: "3.0" },
@@ -32,6 +34,8 @@ const CLI: Record<string, CliCommand> = {
     "stack init": { flags: [], since: "3.0" },
     // --json: pkg/cmd/pulumi/stack/stack_output.go (npm run status reads the outputs so).
     "stack output": { flags: ["-s", "--show-secrets", "--json"], since: "3.0" },
+    "config set": { flags: ["-s", "--secret"], since: "3.0" },
+    "config rm": { flags: ["-s"], since: "3.0" },
     "stack rm": { flags: ["-s", "--force", "--preserve-config"], since: "3.0" },
     "stack migrate": { flags: ["--secrets-provider", "--target", "--yes", "--force"], since: "3.254" },
     "state rename": { flags: ["-s"], since: "3.26" },

@@ -340,6 +340,34 @@ describeWithTools(["nix-instantiate", NGINX, "curl", "openssl"])("nginx on the m
         });
     });
 
+    describe("/admin behind basic auth, its users the host secret webAdmin (nginx's credential)", () => {
+        const PASSWORD = "correct horse battery staple";
+        const basic = (user: string, password: string) => [`Authorization: Basic ${Buffer.from(`${user}:${password}`).toString("base64")}`];
+
+        it("answers the status page to the secret's user only, and leaves the rest of the site open", async () => {
+            running = await startNginx(await nginxOf("prod", { web: { admin: { enable: true } } }), tempDir("nixos-ec2-nginx-"));
+            // What LoadCredential= copies for nginx.service from /var/lib/nixos-ec2/secrets/webAdmin: an htpasswd line.
+            const hash = execFileSync("openssl", ["passwd", "-6", PASSWORD], { encoding: "utf8" }).trim();
+            writeFileSync(path.join(running.credentialsDir, "nginx.service", "webAdmin"), `admin:${hash}\n`);
+            const n = running;
+            expect((await request(n.httpPorts.todo, "/admin")).status).toBe(401);
+            expect((await request(n.httpPorts.todo, "/admin", { headers: basic("admin", "wrong") })).status).toBe(401);
+            const status = await request(n.httpPorts.todo, "/admin", { headers: basic("admin", PASSWORD) });
+            expect(status.status).toBe(200);
+            expect(status.body).toMatch(/^Active connections: \d+/);
+            expect((await request(n.httpPorts.todo, "/")).status).toBe(200);
+            expect((await request(n.httpPorts.loopback, "/admin")).status).toBe(404);
+            // nginx reads the file on every request: a new secret (after the deploy's restart) counts at once.
+            writeFileSync(path.join(running.credentialsDir, "nginx.service", "webAdmin"), "");
+            expect((await request(n.httpPorts.todo, "/admin", { headers: basic("admin", PASSWORD) })).status).toBe(401);
+        });
+
+        it("is not there without admin", async () => {
+            running = await startNginx(await nginxOf("prod"), tempDir("nixos-ec2-nginx-"));
+            expect((await request(running.httpPorts.todo, "/admin")).status).toBe(404);
+        });
+    });
+
     describe("HTTPS while the certificate is pending, and after", () => {
         const HOST = { host: DOMAIN };
         let marker: string;

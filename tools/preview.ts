@@ -15,7 +15,7 @@
 import * as path from "node:path";
 import { ConfigError, qualifyKey } from "../lib/config";
 import { runOffline } from "../lib/offline";
-import { loadStackConfig, PROJECT_DIR, StackFileError, UnknownStackError } from "../lib/stacks";
+import { loadStack, PROJECT_DIR, StackFileError, UnknownStackError } from "../lib/stacks";
 import { blocks, checkPolicies } from "./policyCheck";
 import { buildReport, renderJson, renderText } from "./previewReport";
 
@@ -30,7 +30,8 @@ const USAGE = `usage: npm run preview -- [STACK] [--config KEY=VALUE]... [--json
                         override a config value, after Pulumi.yaml and Pulumi.<STACK>.yaml;
                         repeatable. A bare KEY is in the project namespace (nixos-ec2:KEY);
                         aws:region=... works too. VALUE is taken as written: JSON for lists and
-                        maps, e.g. --config 'hosts={"web":{},"db":{}}'
+                        maps, e.g. --config 'hosts={"web":{},"db":{}}'. A secret.<name>
+                        value is taken as a secret, as pulumi config set --secret sets it
   --json                print the preview as one JSON document
   --program FILE        preview another Pulumi program with the stack's configuration
                         (default: index.ts); for trying a change or a fork against the policy pack
@@ -120,9 +121,9 @@ async function main(argv: readonly string[]): Promise<void> {
     const invokedFrom = process.cwd();
     process.chdir(PROJECT_DIR);
 
-    let config;
+    let loaded;
     try {
-        config = loadStackConfig(args.stack, args.overrides);
+        loaded = loadStack(args.stack, args.overrides);
     } catch (e) {
         if (e instanceof UnknownStackError) return finish(process.stderr, `preview: ${e.message}\n`, EXIT.usage);
         if (e instanceof StackFileError) return finish(process.stderr, `preview: ${e.message}\n`, EXIT.config);
@@ -133,7 +134,7 @@ async function main(argv: readonly string[]): Promise<void> {
     const stackTraceLimit = Error.stackTraceLimit;
     if (!stackTracesAsked()) Error.stackTraceLimit = 0;
     try {
-        run = await runOffline({ stack: args.stack, config, program: args.program && path.resolve(invokedFrom, args.program) });
+        run = await runOffline({ stack: args.stack, ...loaded, program: args.program && path.resolve(invokedFrom, args.program) });
     } catch (e) {
         if (e instanceof ConfigError) return finish(process.stderr, `${e.message}\n`, EXIT.config);
         throw e;

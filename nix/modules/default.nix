@@ -1,5 +1,6 @@
 # Everything a deployed server runs, one concern a file. The VM test in ../tests
-# boots all of them but ec2.nix, which only works on EC2.
+# boots all of them but ec2.nix, which only works on EC2. sops.nix sets options of sops-nix's
+# module, which flake.nix imports beside this list (it comes from a flake input).
 {
   imports = [
     ./ec2.nix
@@ -10,5 +11,7 @@
     ./web.nix
     ./upgrades.nix
     ./boot-guard.nix
+    ./secrets.nix
+    ./sops.nix
   ];
 }

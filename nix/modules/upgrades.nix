@@ -16,6 +16,7 @@ let
   pendingFiles = [
     "${stateDir}/pending-rollback"
     "${stateDir}/pending-boot"
+    "${stateDir}/pending-secrets"
   ];
   # As long as a deploy waits for the lock (remote-switch.sh's LOCK_WAIT_SECONDS).
   lockWaitSeconds = 600;

@@ -1,7 +1,26 @@
-# nginx serving the TODO page, /healthz for the deploy step, and optional HTTPS.
+# nginx serving the TODO page, /healthz for the deploy step, optional HTTPS, and optionally nginx's
+# status page on /admin behind HTTP basic auth, whose password file is a host secret.
 { config, lib, ... }:
 let
   cfg = config.nixosEc2.web;
+
+  # The host secret that holds /admin's users: an htpasswd file (nixos-ec2:secret.webAdmin).
+  adminSecret = "webAdmin";
+  # Where systemd puts it for nginx: LoadCredential= (nix/modules/secrets.nix) copies it into the
+  # unit's credentials directory, readable by nginx's own user (systemd src/core/exec-credential.c:
+  # <runtime directory>/credentials/<unit>/<id>). nginx reads the file on every request.
+  adminUsersFile = "/run/credentials/nginx.service/${adminSecret}";
+  # nginx's connection counters (ngx_http_stub_status_module), for the admins only.
+  adminLocation = {
+    "= /admin" = {
+      extraConfig = ''
+        auth_basic "nixos-ec2 admin";
+        auth_basic_user_file ${adminUsersFile};
+        stub_status;
+        access_log off;
+      '';
+    };
+  };
   debugLogging = config.nixosEc2.logging.debug;
   https = cfg.domain != null;
   domain = toString cfg.domain;
@@ -128,9 +147,18 @@ in
       example = "ops@example.org";
       description = "Contact address registered with Let's Encrypt; required with `domain`.";
     };
+    admin.enable = lib.mkEnableOption ''
+      nginx's status page on /admin, behind HTTP basic auth. Its users are the host secret
+      webAdmin, an htpasswd file (`admin:<hash from openssl passwd -6>` per line) that the stack
+      gives this host: nixos-ec2:hostSecrets names the host for webAdmin and
+      nixos-ec2:secret.webAdmin holds the file'';
   };
 
   config = {
+    nixosEc2.secrets = lib.mkIf cfg.admin.enable {
+      ${adminSecret}.restartUnits = [ "nginx.service" ];
+    };
+
     assertions = [
       {
         assertion = https -> cfg.acmeEmail != null;
@@ -177,7 +205,7 @@ in
           # Both schemes, not forceSSL: forceSSL redirects every plain HTTP request to HTTPS at
           # once, also while HTTPS has only the self-signed placeholder to offer.
           addSSL = https;
-          locations = locationsWith https;
+          locations = locationsWith https // lib.optionalAttrs cfg.admin.enable adminLocation;
           extraConfig = lib.optionalString https httpsOnceCertified;
         };
 

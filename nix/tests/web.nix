@@ -3,9 +3,13 @@
 # modules' defaults); `staging` has staging's, and a domain whose certificate stays pending:
 # the test network has no DNS and no way to Let's Encrypt. Needs Linux with KVM:
 # `nix flake check` runs it as checks.<system>.web.
-{ pkgs }:
+{ pkgs, sopsModule }:
 let
   domain = "staging.todo.example.org";
+  # /admin's one user on `staging`, as the host secret webAdmin would hold it (an htpasswd line;
+  # openssl passwd -apr1 -salt nixosec2 'correct horse battery staple').
+  adminPassword = "correct horse battery staple";
+  adminUsers = "admin:$apr1$nixosec2$qF0Bow0hFrRx5a8nbot01/";
 in
 pkgs.testers.runNixOSTest {
   name = "nixos-ec2-web";
@@ -16,7 +20,10 @@ pkgs.testers.runNixOSTest {
       {
         # Every module of a deployed server except the EC2 image, which expects EC2's
         # disks and metadata service.
-        imports = [ ../modules ];
+        imports = [
+          ../modules
+          sopsModule
+        ];
         disabledModules = [ ../modules/ec2.nix ];
 
         # A user whose password sshd must refuse although it is the right one: the test
@@ -35,9 +42,12 @@ pkgs.testers.runNixOSTest {
       };
 
     staging =
-      { lib, ... }:
+      { config, lib, ... }:
       {
-        imports = [ ../modules ];
+        imports = [
+          ../modules
+          sopsModule
+        ];
         disabledModules = [ ../modules/ec2.nix ];
 
         # What nix/hosts/staging.nix turns on.
@@ -53,7 +63,10 @@ pkgs.testers.runNixOSTest {
         nixosEc2.web = {
           inherit domain;
           acmeEmail = "ops@example.org";
+          admin.enable = true;
         };
+        # What a deploy would have written there (deploy/remote-switch.sh), before nginx starts.
+        systemd.tmpfiles.rules = [ "f ${config.nixosEc2.secrets.webAdmin.path} 0400 root root - ${adminUsers}" ];
       };
 
     client =
@@ -153,6 +166,14 @@ pkgs.testers.runNixOSTest {
         assert "client:" not in journal and client_ip not in journal, journal
         access = server.succeed("cat /var/log/nginx/access.log")
         assert "/no-such-page" in access and client_ip not in access, access
+
+    with subtest("/admin answers only the user of the host secret, which nginx reads as its credential"):
+        assert http_status("http://staging/admin") == "401"
+        assert http_status("http://staging/admin", "-u admin:wrong") == "401"
+        status = client.succeed("curl -fsS -u 'admin:${adminPassword}' http://staging/admin")
+        assert "Active connections" in status, status
+        staging.succeed("test -s /run/credentials/nginx.service/webAdmin")
+        assert http_status("http://server/admin") == "404"
 
     with subtest("a domain that does not resolve here: the order fails with 10, HTTP keeps serving"):
         staging.wait_until_succeeds(f"systemctl show -P ActiveState {order} | grep -qx failed", timeout=180)

@@ -3,9 +3,11 @@
 # - the host's module list is the one flake.nix hands to lib.nixosSystem (read with a stand-in
 #   that returns its arguments), and path imports are followed; imports from modulesPath (the
 #   EC2 image module) are nixpkgs' and left out;
-# - option values (config.nixosEc2.*) are the defaults the modules declare, then what the
-#   modules set under nixosEc2 without mkIf (the host file, flake.nix's inline module), then
-#   `overrides` (JSON) from the test;
+# - option values (config.nixosEc2.*) follow the options the modules declare, as in nixpkgs'
+#   lib/modules.nix: for each declared option its default, then every module's definitions at its
+#   path (mkIf and mkMerge applied on the way, a condition read only where the definition reaches
+#   the option, as pushDownProperties leaves it), then `overrides` (JSON) from the test; an
+#   attrsOf-submodule option's entries get the submodule's option defaults;
 # - `config` is every module's definitions merged, with mkIf and mkMerge applied; mkOrder and
 #   mkOverride stay as markers. Lists concatenate, equal values agree, other clashes throw.
 #
@@ -30,6 +32,8 @@ let
       lib.nixosSystem = args: args;
       legacyPackages = throw "the host's modules evaluated nixpkgs.legacyPackages";
     };
+    # sops-nix's module declares only nixpkgs-side options (sops.*), which nothing here reads.
+    sops-nix.nixosModules.sops = { };
   };
   hostArgs = outputs.nixosConfigurations.${host};
 
@@ -147,11 +151,75 @@ let
       a // b // builtins.mapAttrs (name: _: update a.${name} b.${name}) (builtins.intersectAttrs a b)
     else
       b;
-  optionValues = builtins.foldl' update { } (
-    map (m: defaultsOf ((m.value.options or { }).nixosEc2 or { })) modules
-    ++ map (m: plainValues ((definitionsOf m).nixosEc2 or { })) modules
-    ++ [ (builtins.fromJSON overrides) ]
-  );
+
+  isOption = v: builtins.isAttrs v && (v._type or null) == "option";
+  # Every module's option declarations under nixosEc2, merged: a tree whose leaves are options.
+  declared = builtins.foldl' update { } (map (m: (m.value.options or { }).nixosEc2 or { }) modules);
+
+  # The definitions that one module's value makes at `path`. An mkIf's condition is read only when
+  # its content reaches `path`, so a definition may depend on other options.
+  definitionsAt =
+    path: v:
+    let
+      type = if builtins.isAttrs v then v._type or null else null;
+      name = builtins.head path;
+    in
+    if type == "if" then
+      (
+        let
+          inner = definitionsAt path v.content;
+        in
+        if inner == [ ] then [ ] else if v.condition then inner else [ ]
+      )
+    else if type == "merge" then
+      builtins.concatMap (definitionsAt path) v.contents
+    else if type == "override" && path != [ ] then
+      definitionsAt path v.content
+    else if path == [ ] then
+      [ v ]
+    else if type == null && builtins.isAttrs v && v ? ${name} then
+      definitionsAt (builtins.tail path) v.${name}
+    else
+      [ ];
+
+  submoduleDefaults =
+    type: name:
+    let
+      module = type.modules;
+      value = if builtins.isFunction module then module { inherit name lib; config = { }; } else module;
+    in
+    defaultsOf (value.options or { });
+  withSubmoduleDefaults =
+    option: value:
+    let
+      type = option.type or { };
+    in
+    if (type.name or null) == "attrsOf" && (type.elemType.name or null) == "submodule" && isPlainAttrs value then
+      builtins.mapAttrs (name: update (submoduleDefaults type.elemType name)) value
+    else
+      value;
+
+  valueOf =
+    path: option:
+    let
+      definitions =
+        builtins.concatMap (m: definitionsAt ([ "nixosEc2" ] ++ path) (definitionsOf m)) modules
+        ++ definitionsAt path (builtins.fromJSON overrides);
+      values = builtins.filter (v: !isAbsent v) (map (d: plainValues (resolve d)) definitions);
+    in
+    withSubmoduleDefaults option (
+      builtins.foldl' update (if option ? default then option.default else absent) values
+    );
+  # Every declared option is there, as in NixOS: the names come from the declarations alone, so a
+  # value may depend on another option. One neither defaulted nor defined reads as `absent`.
+  valuesOf =
+    path: declarations:
+    if isOption declarations then
+      valueOf path declarations
+    else
+      builtins.mapAttrs (name: valuesOf (path ++ [ name ])) declarations;
+  optionValues = valuesOf [ ] declared;
+  withoutAbsent = v: if isPlainAttrs v then filterAbsent (builtins.mapAttrs (_: withoutAbsent) v) else v;
 
   # Paths become strings, as they would be interpolated.
   plain =
@@ -169,6 +237,6 @@ let
 in
 {
   modules = map (m: m.file) modules;
-  options = plain optionValues;
+  options = plain (withoutAbsent optionValues);
   config = plain (builtins.foldl' (merge [ ]) { } (map (m: resolve (definitionsOf m)) modules));
 }

@@ -5,8 +5,9 @@
  * commonHttpConfig in the http block, per vhost a server with its listen lines, server_name,
  * root, the ACME challenge location, the locations (return, then extraConfig) and the vhost's
  * extraConfig), reduced to the directives web.nix's settings produce. The host's paths under
- * /var/log/nginx and /var/lib/acme are moved into a test directory; TLS uses a certificate made
- * here, standing in for the ACME module's placeholder.
+ * /var/log/nginx, /var/lib/acme and /run/credentials (systemd's credentials of the unit) are moved
+ * into a test directory; TLS uses a certificate made here, standing in for the ACME module's
+ * placeholder.
  */
 import { ChildProcess, execFile, execFileSync, spawn } from "node:child_process";
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
@@ -51,6 +52,8 @@ export interface RunningNginx {
     readonly acmeDir: string;
     /** Where /var/log/nginx went. */
     readonly logDir: string;
+    /** Where /run/credentials went (nginx's are in nginx.service/). */
+    readonly credentialsDir: string;
     /** What nginx wrote to stderr so far: with logError "stderr...", its error log. */
     stderr(): string;
     stop(): Promise<void>;
@@ -58,14 +61,20 @@ export interface RunningNginx {
 
 /** Moves the host's paths into the test directory. */
 function relocate(text: string, dir: string): string {
-    return text.split("/var/log/nginx/").join(`${dir}/log/`).split("/var/lib/acme/").join(`${dir}/acme/`);
+    return text
+        .split("/var/log/nginx/")
+        .join(`${dir}/log/`)
+        .split("/var/lib/acme/")
+        .join(`${dir}/acme/`)
+        .split("/run/credentials/")
+        .join(`${dir}/credentials/`);
 }
 
 function serverBlock(vhost: Vhost, listen: string[], dir: string, tls: { cert: string; key: string }): string {
     const hasSSL = vhost.addSSL === true || vhost.forceSSL === true;
     if (vhost.forceSSL) throw new Error("the test renderer does not lay out forceSSL's redirect server");
     const locations = Object.entries(vhost.locations ?? {}).map(
-        ([where, l]) => `location ${where} {\n${l.return !== undefined ? `return ${l.return};\n` : ""}${l.extraConfig ?? ""}\n}`,
+        ([where, l]) => `location ${where} {\n${l.return !== undefined ? `return ${l.return};\n` : ""}${relocate(l.extraConfig ?? "", dir)}\n}`,
     );
     return [
         "server {",
@@ -96,7 +105,7 @@ async function waitForPort(port: number, deadlineMs: number, log: () => string):
 
 /** Starts nginx in the foreground with the settings, each vhost on its own 127.0.0.1 ports. */
 export async function startNginx(settings: NginxSettings, dir: string): Promise<RunningNginx> {
-    for (const sub of ["log", "acme/acme-challenge/.well-known/acme-challenge", "tmp"]) mkdirSync(path.join(dir, sub), { recursive: true });
+    for (const sub of ["log", "acme/acme-challenge/.well-known/acme-challenge", "tmp", "credentials/nginx.service"]) mkdirSync(path.join(dir, sub), { recursive: true });
     const cert = path.join(dir, "cert.pem");
     const key = path.join(dir, "key.pem");
     execFileSync("openssl", ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-subj", "/CN=placeholder", "-days", "1"], {
@@ -144,6 +153,7 @@ export async function startNginx(settings: NginxSettings, dir: string): Promise<
         httpsPorts,
         acmeDir: path.join(dir, "acme"),
         logDir: path.join(dir, "log"),
+        credentialsDir: path.join(dir, "credentials"),
         stderr: () => stderr,
         stop: async () => {
             child.kill("SIGQUIT");

@@ -13,7 +13,7 @@ export const NIX_DIR = path.join(__dirname, "..", "..", "nix");
 export const STAND_IN_LIB = path.join(__dirname, "stand-in-lib.nix");
 
 /** The tools `nix develop` must provide (nixpkgs attribute names). */
-export const DEV_SHELL_TOOLS = ["awscli2", "nixfmt", "nodejs_22", "openssh", "pulumi", "shellcheck"];
+export const DEV_SHELL_TOOLS = ["age", "awscli2", "nixfmt", "nodejs_22", "openssh", "pulumi", "shellcheck", "sops", "ssh-to-age"];
 
 /**
  * The dummy store evaluates without a Nix store or daemon: nothing is built or copied, and
@@ -85,6 +85,11 @@ export interface ModuleShape {
 export interface FlakeStructure {
     /** `inputs.nixpkgs.url` of flake.nix. */
     readonly nixpkgsUrl: string;
+    /** `inputs.sops-nix.url`, and the input its nixpkgs follows. */
+    readonly sopsNixUrl: string;
+    readonly sopsNixFollows: string | null;
+    /** Whether each host's module list has sops-nix's module. */
+    readonly hostsImportSopsNix: Record<string, boolean>;
     /** Top-level output names. */
     readonly outputs: string[];
     /** nixosConfigurations, evaluated with a nixpkgs whose packages throw when touched. */
@@ -126,8 +131,10 @@ let
     nixosSystem = args: args;
     genAttrs = names: f: builtins.listToAttrs (map (name: { inherit name; value = f name; }) names);
   };
+  # sops-nix's module, a stand-in that is not a path, so that no check reads it as a file of nix/.
+  sopsNix = { nixosModules.sops = { _sopsNixStandIn = true; }; };
   callOutputs = nixpkgs:
-    let outputs = flake.outputs { self = outputs // { outPath = nixDir; }; inherit nixpkgs; };
+    let outputs = flake.outputs { self = outputs // { outPath = nixDir; }; inherit nixpkgs; sops-nix = sopsNix; };
     in outputs;
 
   outputs = callOutputs {
@@ -172,6 +179,9 @@ let
   firewall = callModule (import (moduleDir + "/firewall.nix"));
 in {
   nixpkgsUrl = flake.inputs.nixpkgs.url;
+  sopsNixUrl = flake.inputs.sops-nix.url;
+  sopsNixFollows = flake.inputs.sops-nix.inputs.nixpkgs.follows or null;
+  hostsImportSopsNix = builtins.mapAttrs (name: args: builtins.elem sopsNix.nixosModules.sops args.modules) lazyOutputs.nixosConfigurations;
   outputs = builtins.attrNames outputs;
   hosts = builtins.mapAttrs hostOf lazyOutputs.nixosConfigurations;
   devShells = builtins.mapAttrs (system: shells: shells.default.packages) outputs.devShells;
@@ -352,4 +362,32 @@ export function publicPortsOfSecurityGroup(ingress: readonly IngressRule[]): num
         if (rule.fromPort !== 22) ports.add(rule.fromPort);
     }
     return [...ports].sort((a, b) => a - b);
+}
+
+/**
+ * Why `lock` does not pin flake.nix's sops-nix input to an exact, verifiable revision of
+ * github:Mic92/sops-nix whose nixpkgs follows the root's; empty when it does.
+ */
+export function sopsNixLockProblems(lock: unknown, sopsNixUrl: string, follows: string | null): string[] {
+    const l = lock as { root?: string; nodes?: Record<string, { inputs?: Record<string, unknown>; locked?: Record<string, unknown>; original?: Record<string, unknown> }> };
+    const nodeName = l.nodes?.[l.root ?? ""]?.inputs?.["sops-nix"];
+    if (typeof nodeName !== "string") return ["the root node has no sops-nix input"];
+    const node = l.nodes?.[nodeName];
+    const locked = node?.locked ?? {};
+    const original = node?.original ?? {};
+    const problems: string[] = [];
+    if (locked.type !== "github" || locked.owner !== "Mic92" || locked.repo !== "sops-nix") {
+        problems.push(`sops-nix is locked to ${JSON.stringify(locked.type)}:${String(locked.owner)}/${String(locked.repo)}, expected github:Mic92/sops-nix`);
+    }
+    if (typeof locked.rev !== "string" || !FORTY_HEX.test(locked.rev)) problems.push(`sops-nix locked.rev ${JSON.stringify(locked.rev)} is not a 40-digit hex commit`);
+    if (typeof locked.narHash !== "string" || !SRI_SHA256.test(locked.narHash)) problems.push(`sops-nix locked.narHash ${JSON.stringify(locked.narHash)} is not an SRI sha256 hash`);
+    if (typeof locked.lastModified !== "number" || !Number.isInteger(locked.lastModified) || locked.lastModified <= 0) {
+        problems.push(`sops-nix locked.lastModified ${JSON.stringify(locked.lastModified)} is not a positive Unix time`);
+    }
+    const fromLock = `github:${String(original.owner)}/${String(original.repo)}${original.ref ? `/${String(original.ref)}` : ""}`;
+    if (fromLock !== sopsNixUrl) problems.push(`flake.nix asks for ${sopsNixUrl}, but flake.lock was locked for ${fromLock}`);
+    if (follows !== null && JSON.stringify(node?.inputs?.nixpkgs) !== JSON.stringify([follows])) {
+        problems.push(`sops-nix's nixpkgs should follow ${follows} (flake.nix says so), but the lock has ${JSON.stringify(node?.inputs?.nixpkgs)}`);
+    }
+    return problems;
 }

@@ -1,22 +1,24 @@
 import { OfflineRun, RecordedResource, runOffline } from "../../lib/offline";
-import { loadStackConfig, StackConfig } from "../../lib/stacks";
+import { loadStack, StackConfig } from "../../lib/stacks";
 
 /**
  * Runs index.ts under the mock runtime with a real stack's configuration plus overrides
- * (bare keys are in the project namespace), in a fresh module registry so runs do not mix.
+ * (bare keys are in the project namespace; `secret.<name>` values are secrets, as the preview
+ * takes them), in a fresh module registry so runs do not mix.
  */
 export async function runProgram(stack: string, overrides: Record<string, string> = {}): Promise<OfflineRun> {
-    return runConfig(stack, loadStackConfig(stack, overrides));
+    const { config, secretKeys } = loadStack(stack, overrides);
+    return runConfig(stack, config, secretKeys);
 }
 
-/** Runs index.ts with exactly this configuration. */
-export async function runConfig(stack: string, config: StackConfig): Promise<OfflineRun> {
+/** Runs index.ts with exactly this configuration; `secretKeys` are the keys Pulumi holds as secrets. */
+export async function runConfig(stack: string, config: StackConfig, secretKeys: readonly string[] = []): Promise<OfflineRun> {
     let run: OfflineRun | undefined;
     let failure: unknown;
     await jest.isolateModulesAsync(async () => {
         try {
             // Warnings are in run.warnings for the tests to check, not printed.
-            run = await runOffline({ stack, config, onWarning: () => undefined });
+            run = await runOffline({ stack, config, secretKeys, onWarning: () => undefined });
         } catch (e) {
             failure = e;
         }

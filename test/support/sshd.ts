@@ -21,9 +21,12 @@ const REPO = path.resolve(__dirname, "..", "..");
 export const DEPLOY_SCRIPT = path.join(REPO, "deploy", "nixos-deploy.sh");
 const HOST_BIN = path.join(REPO, "test", "fixtures", "host-bin");
 const FAKE_SWITCH = path.join(REPO, "test", "fixtures", "fake-system", "switch-to-configuration");
+/**
+ * The two halves of a reboot (host-bin/systemctl runs power-off; this module runs firmware-boot),
+ * and what starts a unit with its credentials (start-unit: systemctl restart, the switch, the boot).
+ */
+const HOST_FIXTURES = ["power-off", "firmware-boot", "start-unit"].map((name) => path.join(REPO, "test", "fixtures", name));
 const FAKE_GRUB_EDITENV = path.join(REPO, "test", "fixtures", "fake-system", "grub-editenv");
-/** The two halves of a reboot: host-bin/systemctl runs power-off; this module runs firmware-boot. */
-const REBOOT_FIXTURES = ["power-off", "firmware-boot"].map((name) => path.join(REPO, "test", "fixtures", name));
 const INITIAL_SYSTEM = "00000000000000000000000000000000-nixos-system-initial";
 const READY_TIMEOUT_MS = 10_000;
 
@@ -94,6 +97,13 @@ export interface HostBehaviour {
     failedUnits?: Array<{ unit: string; status: number; log: string }>;
     /** The new system's kernel version: its kernel, initrd and modules differ from the image's, so a live switch leaves a reboot due. */
     kernel?: string;
+    /**
+     * The host secrets the new system uses, each with the units that load it as a credential and
+     * restart when it changes (nix/modules/secrets.nix's restartUnits).
+     */
+    secretUnits?: Record<string, string[]>;
+    /** Units that fail to start (their ExecStart= fails), whoever starts them. */
+    unitFails?: string[];
 }
 
 /** An admin key pair; a stack has one for all its hosts (SshdOptions.adminKey). */
@@ -136,7 +146,7 @@ export interface TestSshd {
     readonly user: string;
     /** Everything of this server lives here; removed by stop(). */
     readonly dir: string;
-    /** The fake host's root: bin/, store/, profiles/, run/, state/, control/, units/, boot/, acme/, calls.log. */
+    /** The fake host's root: bin/, store/, profiles/, run/ (credentials/ too), state/, control/, units/, boot/, acme/, calls.log. */
     readonly hostDir: string;
     /** NIXOS_EC2_STATE_DIR on the fake host. */
     readonly stateDir: string;
@@ -213,7 +223,7 @@ function makeHost(hostDir: string, adminPublicKey: string): void {
         fs.chmodSync(path.join(hostDir, "bin", name), 0o755);
     }
     fs.copyFileSync(FAKE_SWITCH, path.join(hostDir, "fixtures", "switch-to-configuration"));
-    for (const fixture of [...REBOOT_FIXTURES, FAKE_GRUB_EDITENV]) {
+    for (const fixture of [...HOST_FIXTURES, FAKE_GRUB_EDITENV]) {
         fs.copyFileSync(fixture, path.join(hostDir, "fixtures", path.basename(fixture)));
     }
     fs.writeFileSync(path.join(hostDir, "admin.pub"), adminPublicKey);
@@ -439,6 +449,12 @@ export async function startSshd(options: SshdOptions = {}): Promise<TestSshd> {
             writeControl(hostDir, "pre-switch-fails", b.preSwitchFails);
             writeControl(hostDir, "failed-units", b.failedUnits?.map(({ unit, status, log }) => `${unit} ${status} ${log}\n`).join(""));
             writeControl(hostDir, "kernel", b.kernel);
+            writeControl(
+                hostDir,
+                "secret-units",
+                b.secretUnits && Object.entries(b.secretUnits).map(([secret, units]) => `${secret} ${units.join(" ")}\n`).join(""),
+            );
+            writeControl(hostDir, "unit-fails", b.unitFails?.map((u) => `${u}\n`).join(""));
         },
         calls(): string[] {
             return readOr(path.join(hostDir, "calls.log"), "")

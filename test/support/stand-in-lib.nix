@@ -45,6 +45,9 @@ in
     nullOr = elemType: optionType "nullOr" { inherit elemType; };
     listOf = elemType: optionType "listOf" { inherit elemType; };
     attrsOf = elemType: optionType "attrsOf" { inherit elemType; };
+    path = optionType "path" { };
+    # The module (a function of { name, ... } or an attribute set) whose options each entry has.
+    submodule = modules: optionType "submodule" { inherit modules; };
   };
 
   mkIf = condition: content: {
@@ -67,4 +70,19 @@ in
   concatStringsSep = builtins.concatStringsSep;
   concatMapStringsSep = separator: f: list: builtins.concatStringsSep separator (map f list);
   escapeShellArgs = args: builtins.concatStringsSep " " (map escapeShellArg args);
+  # lib/strings.nix
+  hasSuffix =
+    suffix: content:
+    let
+      n = builtins.stringLength content;
+      k = builtins.stringLength suffix;
+    in
+    n >= k && builtins.substring (n - k) k content == suffix;
+  removeSuffix =
+    suffix: content:
+    let
+      n = builtins.stringLength content;
+      k = builtins.stringLength suffix;
+    in
+    if n >= k && builtins.substring (n - k) k content == suffix then builtins.substring 0 (n - k) content else content;
 }
