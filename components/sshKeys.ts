@@ -47,12 +47,8 @@ export class SshKeys extends pulumi.ComponentResource {
         for (const host of args.hostNames) {
             const key = new PrivateKey(`${name}-host-${host}`, { algorithm: KEY_ALGORITHM }, { parent: this });
             const privateKey = pulumi.secret(key.privateKeyOpenssh);
-            hostKeys[host] = {
-                publicKey: key.publicKeyOpenssh.apply((k) => k.trim()),
-                privateKey,
-                // A public key: nothing of the private one can be recovered from it.
-                ageRecipient: pulumi.unsecret(privateKey.apply(ageRecipientOf)),
-            };
+            const publicKey = key.publicKeyOpenssh.apply((k) => k.trim());
+            hostKeys[host] = { publicKey, privateKey, ageRecipient: publicKey.apply(ageRecipientOf) };
         }
         this.hostKeys = hostKeys;
 

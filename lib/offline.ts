@@ -135,7 +135,7 @@ function mockState(
         case "tls:index/privateKey:PrivateKey": {
             const { publicKey, privateKey } = fakeKeyPair(name);
             standIn(publicKey.trim(), `public key of ${name}`);
-            standIn(ageRecipientOf(privateKey), `age recipient of ${name}`);
+            standIn(ageRecipientOf(publicKey), `age recipient of ${name}`);
             return { ...inputs, publicKeyOpenssh: publicKey, privateKeyOpenssh: privateKey };
         }
         case "random:index/randomBytes:RandomBytes": {

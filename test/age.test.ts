@@ -68,7 +68,8 @@ describe("the age keys of an SSH ED25519 key", () => {
 
     it("are what ssh-to-age's README shows for its test key: the identity and the recipient", () => {
         expect(ageIdentityOf(privateKey)).toBe(SSH_TO_AGE_IDENTITY);
-        expect(ageRecipientOf(privateKey)).toBe(SSH_TO_AGE_RECIPIENT);
+        // From the public key alone, as `ssh-keyscan <host> | ssh-to-age` does.
+        expect(ageRecipientOf(publicKey)).toBe(SSH_TO_AGE_RECIPIENT);
         expect(isAgeRecipient(SSH_TO_AGE_RECIPIENT)).toBe(true);
     });
 
@@ -79,13 +80,15 @@ describe("the age keys of an SSH ED25519 key", () => {
     });
 
     it("refuse other keys, encrypted keys and mismatched halves, without quoting the key", () => {
-        expect(() => ageRecipientOf("not a key")).toThrow("not an OpenSSH private key");
+        expect(() => ageIdentityOf("not a key")).toThrow("not an OpenSSH private key");
+        expect(() => ageRecipientOf("not a key")).toThrow("not an ssh-ed25519 public key line");
+        expect(() => ageRecipientOf("ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ")).toThrow("not an ssh-ed25519 public key line");
         const tampered = privateKey.replace(/^(b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\nQyNTUxOQAAACDh)./m, "$1A");
         expect(tampered).not.toBe(privateKey);
-        expect(() => ageRecipientOf(tampered)).toThrow(/OpenSSH key/);
+        expect(() => ageIdentityOf(tampered)).toThrow(/OpenSSH key/);
         for (const text of ["not a key", tampered]) {
             try {
-                ageRecipientOf(text);
+                ageIdentityOf(text);
             } catch (e) {
                 expect(String(e)).not.toContain("b3BlbnNz");
             }
@@ -117,7 +120,7 @@ describeWithTools(["ssh-keygen"])("OpenSSH's formats (ssh-keygen)", () => {
         const dir = tempDir("openssh-key-");
         const file = path.join(dir, "key");
         execFileSync("ssh-keygen", ["-q", "-t", "ed25519", "-N", "a passphrase", "-f", file]);
-        expect(() => ageRecipientOf(readFileSync(file, "utf8"))).toThrow("encrypted with a passphrase");
+        expect(() => ageIdentityOf(readFileSync(file, "utf8"))).toThrow("encrypted with a passphrase");
     });
 });
 
@@ -127,7 +130,7 @@ describeWithTools(["ssh-keygen", "age", "age-keygen"])("the derived keys with De
         const file = path.join(dir, "ssh_host_ed25519_key");
         execFileSync("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-f", file]);
         const sshKey = readFileSync(file, "utf8");
-        const recipient = ageRecipientOf(sshKey);
+        const recipient = ageRecipientOf(readFileSync(`${file}.pub`, "utf8"));
         const identityFile = path.join(dir, "identity");
         writeFileSync(identityFile, `${ageIdentityOf(sshKey)}\n`, { mode: 0o600 });
 

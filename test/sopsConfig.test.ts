@@ -100,7 +100,7 @@ describeWithTools(["bash", "age", "age-keygen"])("npm run sops-config", () => {
         admin = { identity, recipient: execFileSync("age-keygen", ["-y", identity], { encoding: "utf8" }).trim() };
     });
 
-    const recipientOf = (name: string) => ageRecipientOf(fakeKeyPair(`ssh-host-${name}`).privateKey);
+    const recipientOf = (name: string) => ageRecipientOf(fakeKeyPair(`ssh-host-${name}`).publicKey);
 
     it("writes a rule per configuration the stacks deploy, for its hosts' recipients and the admins'", () => {
         const file = path.join(dir, "sops.yaml");
