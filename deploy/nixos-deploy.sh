@@ -507,7 +507,9 @@ remote_deploy_command() {
     local need_kib
     need_kib=$(($(du -sk "$WORK/payload" | awk '{print $1}') + UPLOAD_HEADROOM_KIB))
     # shellcheck disable=SC2016
+    # The secrets this deploy handed over before (send_secrets) go too if the bootstrap fails.
     printf '%s' 'set -eu; umask 077; d="${NIXOS_EC2_STATE_DIR:-'"$DEFAULT_STATE_DIR"'}"; [ -d "$d" ] || mkdir -p "$d"; ' \
+        'trap '"'"'rm -rf "$d/secrets.d/.incoming.'"$DEPLOY_ID"'"'"'"' EXIT; ' \
         'for o in "$d"/upload.*; do [ -e "$o" ] || continue; p=${o##*/upload.}; p=${p%%.*}; ' \
         'case $p in *[!0-9]* | "") rm -rf "$o" ;; *) kill -0 "$p" 2>/dev/null || rm -rf "$o" ;; esac; done; ' \
         'find "$d" -maxdepth 1 -name "upload.*" -mmin +'"$STALE_UPLOAD_MINUTES"' -exec rm -rf {} + 2>/dev/null || true; ' \
@@ -515,7 +517,7 @@ remote_deploy_command() {
         'case $free in "" | *[!0-9]*) ;; *) if [ "$free" -lt "$need" ]; then echo "nixos-ec2: not enough disk space for the upload: $free KiB free in $d, it needs $need KiB" >&2; exit '"$UPLOAD_NO_SPACE"'; fi ;; esac; ' \
         'u=$(mktemp -d "$d/upload.$$.XXXXXX"); trap '"'"'rm -rf "$u"'"'"' HUP INT TERM PIPE; ' \
         'tar --no-same-owner -m -xf - -C "$u" || { s=$?; rm -rf "$u"; echo "nixos-ec2: receiving the upload into $u failed (tar exited $s); removed it" >&2; exit '"$UPLOAD_FAILED"'; }; ' \
-        'trap - HUP INT TERM PIPE; ' \
+        'trap - HUP INT TERM PIPE EXIT; ' \
         'exec bash "$u/new/bin/remote-switch.sh" deploy "$u" '"$DEPLOY_ID $FLAKE_ATTR $ROLLBACK_TIMEOUT $ALLOW_FAILED_UNITS $BUILD_TIMEOUT $ACTIVATION_TIMEOUT $REBOOT_POLICY $SECRET_NAMES"
 }
 

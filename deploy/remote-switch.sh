@@ -87,8 +87,8 @@ readonly PENDING_SECRETS_FILE=$STATE_DIR/pending-secrets
 readonly SECRET_UNITS_FILE=etc/nixos-ec2/secret-units
 # The same pattern as SECRET_NAME_PATTERN in lib/hostSecrets.ts (a test keeps them equal).
 readonly SECRET_NAME_PATTERN='^[A-Za-z][A-Za-z0-9_-]{0,62}$'
-# An incoming set this old belongs to a deploy that died (a deploy installs its set within the
-# lock wait of receiving it).
+# An incoming set this old belongs to a deploy that died: a deploy moves its set out of the way of
+# this sweep (to .received.<id>) as soon as it holds the lock, within the lock wait of receiving it.
 readonly STALE_INCOMING_MINUTES=120
 readonly EXIT_SECRETS_MISSING=33
 
@@ -674,20 +674,38 @@ prune_secret_sets() {
         [[ $keep == *" ${entry##*/} "* ]] || rm -rf "$entry"
     done
     find "$SECRET_SETS" -maxdepth 1 -name '.incoming.*' -mmin +"$STALE_INCOMING_MINUTES" -exec rm -rf {} + 2>/dev/null || true
+    # Under the lock, a set received by another deploy and not staged is that deploy's, dead.
+    for entry in "$SECRET_SETS"/.received.*; do
+        [[ -e $entry && $entry != "$SECRET_SETS/.received.$DEPLOY_ID" ]] && rm -rf "$entry"
+    done
+    return 0
 }
 
-# stage_secrets ID: what deploy ID sent (nothing: an empty set) becomes the set secrets.d/ID,
-# owned by this user (root), directory 0700 and files 0400; pending-secrets names it and the set
-# in use before it.
+# receive_secrets ID: under the lock, the checked incoming set moves where no sweep of stale
+# uploads (another deploy's, after STALE_INCOMING_MINUTES) can reach it, however long the build.
+receive_secrets() {
+    local incoming=$SECRET_SETS/.incoming.$1
+    if [[ -d $incoming ]]; then
+        rm -rf "$SECRET_SETS/.received.$1"
+        mv -T "$incoming" "$SECRET_SETS/.received.$1"
+    fi
+}
+
+# stage_secrets ID NAMES: what deploy ID sent (NAMES "-": nothing, an empty set) becomes the set
+# secrets.d/ID, owned by this user (root), directory 0700 and files 0400; pending-secrets names it
+# and the set in use before it. A set that was sent and is gone fails the deploy: never an empty
+# set in its place.
 stage_secrets() {
-    local id=$1 set=$SECRET_SETS/$1 incoming=$SECRET_SETS/.incoming.$1
+    local id=$1 names=$2 set=$SECRET_SETS/$1 received=$SECRET_SETS/.received.$1
     [[ -d $SECRET_SETS ]] || mkdir -p "$SECRET_SETS"
     chmod 0700 "$SECRET_SETS"
     rm -rf "$set"
-    if [[ -d $incoming ]]; then
-        mv -T "$incoming" "$set"
-    else
+    if [[ -d $received ]]; then
+        mv -T "$received" "$set"
+    elif [[ $names == - ]]; then
         mkdir "$set"
+    else
+        die "$EXIT_BAD_SECRETS" "the secrets deploy $id sent ($names) are no longer on this host; nothing was changed. Deploy again"
     fi
     chmod 0700 "$set"
     find "$set" -mindepth 1 -maxdepth 1 -type f -exec chmod 0400 {} +
@@ -789,7 +807,7 @@ PREVIOUS_GENERATION=""
 
 on_switch_exit() {
     local status=$1
-    rm -rf "$UPLOAD" "$SECRET_SETS/.incoming.$DEPLOY_ID"
+    rm -rf "$UPLOAD" "$SECRET_SETS/.incoming.$DEPLOY_ID" "$SECRET_SETS/.received.$DEPLOY_ID"
     if [[ -n $PREVIOUS_GENERATION ]] && ((status != 0 && status != EXIT_ROLLED_BACK && status != EXIT_ROLLBACK_FAILED && status != EXIT_ACTIVATION_TIMED_OUT && status != EXIT_REBOOT_REFUSED)); then
         roll_back "$DEPLOY_ID" "$PREVIOUS_GENERATION" "the switch step failed unexpectedly (exit status $status)" ||
             exit "$EXIT_ROLLBACK_FAILED"
@@ -831,6 +849,7 @@ switch_body() {
     roll_back_unconfirmed_deploy "$DEPLOY_ID"
     install_upload "$UPLOAD" "$DEPLOY_ID"
     check_incoming_secrets "$DEPLOY_ID" "$secrets"
+    receive_secrets "$DEPLOY_ID"
     build_system "$attr" "$build_seconds"
     check_nixos_system "$attr"
     check_secrets_delivered "$secrets"
@@ -841,7 +860,7 @@ switch_body() {
         arm_rollback "$DEPLOY_ID" "$previous" "$rollback_seconds"
         # From here on an unexpected failure rolls back at once instead of waiting for the timer.
         PREVIOUS_GENERATION=$previous
-        stage_secrets "$DEPLOY_ID"
+        stage_secrets "$DEPLOY_ID" "$secrets"
         # The new system's services start (and restart) with the new secrets.
         point_secrets_at "$DEPLOY_ID"
         activate "$DEPLOY_ID" "$previous" "$allow" "$activate_seconds"
@@ -869,7 +888,7 @@ switch_body() {
         arm_rollback "$DEPLOY_ID" "$previous" "$rollback_seconds"
         PREVIOUS_GENERATION=$previous
         # Staged only: the new boot puts them in place (boot-guard), before the units that use them.
-        stage_secrets "$DEPLOY_ID"
+        stage_secrets "$DEPLOY_ID" "$secrets"
     fi
     prepare_boot "$DEPLOY_ID" "$previous" "$activate_seconds"
 }

@@ -106,7 +106,8 @@ export function secretProblems(input: SecretRuleInput): string[] {
             problems.push(`${cut(valueKey, 100)}: ${show(name)} is not a secret name; allowed: ${SECRET_NAMES_ALLOWED}`);
             continue;
         }
-        if (!(name in hostSecrets)) {
+        // Own keys only: "constructor" and friends are in every object's prototype.
+        if (!Object.hasOwn(hostSecrets, name)) {
             problems.push(
                 `${valueKey}: is set, but ${key("hostSecrets")} names no secret ${name}, so no host would get it; ` +
                     `add "${name}": "${ALL_HOSTS}" (or a list of hosts) to ${key("hostSecrets")}, or remove it with \`pulumi config rm ${valueKey}\``,

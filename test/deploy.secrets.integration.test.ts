@@ -7,6 +7,7 @@
  * the test user's. Its units load credentials as systemd does (test/fixtures/start-unit), so the
  * tests read what a service would see in /run/credentials/<unit>/<name>.
  */
+import { execFileSync } from "node:child_process";
 import * as fs from "node:fs";
 import * as path from "node:path";
 import { encodeSecrets } from "../components/hostSecrets";
@@ -259,6 +260,33 @@ describeWithTools([...DEPLOY_TOOLS, "base64", "cmp"])("host secrets: deploy/nixo
             expect(sshd.calls().slice(since).some((call) => call.startsWith("nixos-rebuild"))).toBe(false);
             sshd.setBehaviour({ secretUnits: USES });
             expectFirstSecrets(sshd, set);
+        });
+
+        test("a deploy refused for disk space takes the secrets it handed over with it", async () => {
+            const { sshd, set } = await firstDeploy();
+            sshd.setBehaviour({ secretUnits: USES, diskFreeKib: 100 });
+            const run = await runDeploy(env(sshd, { webAdmin: WEB_ADMIN_2, apiToken: API_TOKEN_1 }));
+            expect(run.code).toBe(1);
+            expect(run.stderr).toContain("not enough disk space for the upload");
+            expect(fs.readdirSync(sets(sshd)).filter((name) => name.startsWith("."))).toEqual([]);
+            sshd.setBehaviour({ secretUnits: USES });
+            expectFirstSecrets(sshd, set);
+            expectSecretsNowhereElse(sshd, run, [WEB_ADMIN_2]);
+        });
+
+        test("secrets received before a long build are out of reach of another deploy's sweep of stale uploads", async () => {
+            const { sshd, set } = await firstDeploy();
+            sshd.setBehaviour({ secretUnits: USES, buildDelaySeconds: 4 });
+            const running = runDeploy(env(sshd, { webAdmin: WEB_ADMIN_2, apiToken: API_TOKEN_1 }));
+            // While it builds (it holds the lock), its set is no longer an upload that a sweep takes for stale.
+            await waitFor("the build", () => sshd.calls().some((call) => call.startsWith("nixos-rebuild")) && fs.readdirSync(sets(sshd)).some((n) => n.startsWith(".received.")), 15_000);
+            expect(fs.readdirSync(sets(sshd)).filter((name) => name.startsWith(".incoming."))).toEqual([]);
+            // What remote_secrets_command's sweep does to an old .incoming.* set.
+            execFileSync("find", [sets(sshd), "-maxdepth", "1", "-name", ".incoming.*", "-exec", "rm", "-rf", "{}", "+"]);
+            const run = await running;
+            expect(run.code).toBe(0);
+            expect(installed(sshd)).toEqual({ apiToken: API_TOKEN_1, webAdmin: WEB_ADMIN_2 });
+            expect(fs.readlinkSync(link(sshd))).not.toBe(set);
         });
     });
 

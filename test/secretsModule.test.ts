@@ -90,6 +90,12 @@ describeWithTools(["nix-instantiate"])("nix/modules/secrets.nix (stand-in lib)",
         expect(failed).toEqual([expect.stringContaining("nixosEc2.secrets.db password: a secret's name matches")]);
     });
 
+    it("refuses a unit named without its type, which would get no credential", async () => {
+        const host = await evalHost("prod", { secrets: { apiToken: { restartUnits: ["api", "api.service", "x.socket"] } } });
+        const failed = (host.config.assertions as Array<{ assertion: boolean; message: string }>).filter((a) => !a.assertion).map((a) => a.message);
+        expect(failed).toEqual(['nixosEc2.secrets.apiToken.restartUnits: "api" is not a unit name with its type; write e.g. "nginx.service".']);
+    });
+
     it("serves /admin from nginx's credential, behind basic auth, only where admin is on", () => {
         const admin = withAdmin.config.services.nginx.virtualHosts.todo.locations["= /admin"];
         expect(admin.extraConfig).toContain("auth_basic_user_file /run/credentials/nginx.service/webAdmin;");

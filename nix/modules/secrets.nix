@@ -26,6 +26,9 @@ let
   bootGuard = "nixos-ec2-boot-guard.service";
   # The same pattern as SECRET_NAME_PATTERN in lib/hostSecrets.ts (a test keeps them equal).
   namePattern = "[A-Za-z][A-Za-z0-9_-]{0,62}";
+  # A unit name with its type (systemd.unit(5)): "nginx" alone would get no credential and no
+  # ordering, and `systemctl restart` would take it for nginx.service anyway.
+  unitPattern = "[A-Za-z0-9:_.@\\-]+\\.(service|socket|timer|target|path|mount|automount|swap|slice|scope)";
 
   secretOptions =
     { name, ... }:
@@ -85,10 +88,18 @@ in
   };
 
   config = lib.mkIf (cfg != { }) {
-    assertions = map (secret: {
-      assertion = builtins.match namePattern secret != null;
-      message = "nixosEc2.secrets.${secret}: a secret's name matches ${namePattern} (it is also a file name and a credential ID).";
-    }) (builtins.attrNames cfg);
+    assertions =
+      map (secret: {
+        assertion = builtins.match namePattern secret != null;
+        message = "nixosEc2.secrets.${secret}: a secret's name matches ${namePattern} (it is also a file name and a credential ID).";
+      }) (builtins.attrNames cfg)
+      ++ builtins.concatMap (
+        secret:
+        map (unit: {
+          assertion = builtins.match unitPattern unit != null;
+          message = "nixosEc2.secrets.${secret}.restartUnits: ${builtins.toJSON unit} is not a unit name with its type; write e.g. \"nginx.service\".";
+        }) cfg.${secret}.restartUnits
+      ) (builtins.attrNames cfg);
 
     # "<secret> <unit>..." a line, sorted by secret.
     environment.etc.${unitsFile}.text = lib.concatMapStringsSep "\n" (
