@@ -628,7 +628,7 @@ read_pending_secrets() {
 check_incoming_secrets() {
     local id=$1 names=$2 incoming=$SECRET_SETS/.incoming.$1 name file arrived=()
     if [[ $names == - ]]; then
-        rm -rf "$incoming"
+        if [[ -e $incoming ]]; then rm -rf "$incoming"; fi
         say "this host gets no secrets from this deploy"
         return 0
     fi
@@ -850,6 +850,13 @@ switch_body() {
     install_upload "$UPLOAD" "$DEPLOY_ID"
     check_incoming_secrets "$DEPLOY_ID" "$secrets"
     receive_secrets "$DEPLOY_ID"
+    # A host that gets no secrets and has none (no link, no deploy's set pending) needs none of
+    # the set handling below; that saves a deploy a dozen processes.
+    local no_secrets=false
+    read_pending_secrets
+    if [[ $secrets == - && -z $PS_ID && ! -L $SECRETS_LINK && ! -e $SECRETS_LINK ]]; then
+        no_secrets=true
+    fi
     build_system "$attr" "$build_seconds"
     check_nixos_system "$attr"
     check_secrets_delivered "$secrets"
@@ -860,13 +867,15 @@ switch_body() {
         arm_rollback "$DEPLOY_ID" "$previous" "$rollback_seconds"
         # From here on an unexpected failure rolls back at once instead of waiting for the timer.
         PREVIOUS_GENERATION=$previous
-        stage_secrets "$DEPLOY_ID" "$secrets"
-        # The new system's services start (and restart) with the new secrets.
-        point_secrets_at "$DEPLOY_ID"
+        if [[ $no_secrets == false ]]; then
+            stage_secrets "$DEPLOY_ID" "$secrets"
+            # The new system's services start (and restart) with the new secrets.
+            point_secrets_at "$DEPLOY_ID"
+        fi
         activate "$DEPLOY_ID" "$previous" "$allow" "$activate_seconds"
         if [[ -z $REBOOT_REASON ]]; then
             # Units whose secrets changed restart even when the system itself did not change.
-            if ! restart_secret_users "$NEW_SYSTEM" "$PS_PREVIOUS" "$DEPLOY_ID" "$activate_seconds"; then
+            if [[ $no_secrets == false ]] && ! restart_secret_users "$NEW_SYSTEM" "$PS_PREVIOUS" "$DEPLOY_ID" "$activate_seconds"; then
                 roll_back "$DEPLOY_ID" "$previous" "restarting the units that use changed secrets failed" || exit "$EXIT_ROLLBACK_FAILED"
                 exit "$EXIT_ROLLED_BACK"
             fi
@@ -876,7 +885,7 @@ switch_body() {
             return 0
         fi
         # Not live after all: the running system keeps its secrets until the new boot.
-        point_secrets_at "$PS_PREVIOUS"
+        if [[ $no_secrets == false ]]; then point_secrets_at "$PS_PREVIOUS"; fi
     fi
     say "the new system needs a reboot: $REBOOT_REASON"
     if [[ $policy == never ]]; then
@@ -888,7 +897,7 @@ switch_body() {
         arm_rollback "$DEPLOY_ID" "$previous" "$rollback_seconds"
         PREVIOUS_GENERATION=$previous
         # Staged only: the new boot puts them in place (boot-guard), before the units that use them.
-        stage_secrets "$DEPLOY_ID" "$secrets"
+        if [[ $no_secrets == false ]]; then stage_secrets "$DEPLOY_ID" "$secrets"; fi
     fi
     prepare_boot "$DEPLOY_ID" "$previous" "$activate_seconds"
 }
