@@ -91,6 +91,8 @@ readonly SECRET_NAME_PATTERN='^[A-Za-z][A-Za-z0-9_-]{0,62}$'
 # this sweep (to .received.<id>) as soon as it holds the lock, within the lock wait of receiving it.
 readonly STALE_INCOMING_MINUTES=120
 readonly EXIT_SECRETS_MISSING=33
+# How long the restart of the units that use changed secrets may take in a rollback.
+readonly SECRET_RESTART_SECONDS=120
 
 say() {
     printf '[%(%H:%M:%S)T] %s\n' -1 "$*"
@@ -793,11 +795,9 @@ secret_users() {
 restart_secret_users() {
     secret_users "$1" "$2" "$3"
     ((${#SECRET_USERS[@]} > 0)) || return 0
-    if [[ -n ${4:-} ]]; then
-        with_deadline "restarting ${SECRET_USERS[*]}" "$4" systemctl restart "${SECRET_USERS[@]}"
-    else
-        systemctl restart "${SECRET_USERS[@]}" 9>&-
-    fi
+    # Bounded also in a rollback (the timer's has no activation deadline at hand): a start that
+    # hangs must not keep the lock for ever.
+    with_deadline "restarting ${SECRET_USERS[*]}" "${4:-$SECRET_RESTART_SECONDS}" systemctl restart "${SECRET_USERS[@]}"
 }
 
 # Globals, not locals: the EXIT traps below run after switch_body has returned.
