@@ -46,6 +46,8 @@ describeWithTools([...DEPLOY_TOOLS, "bash", "find", "df", "script", "shellcheck"
     let pulumi: FakePulumi;
     let stall: net.Server;
     let stallPort: number;
+    /** Connections the stalled server accepted: a status run that reached it has its handlers set. */
+    let stallConnections = 0;
     const outputs: Record<string, Record<string, unknown>> = {};
 
     /** Runs the status command; TMPDIR is a directory of the test's own, to see what it leaves. */
@@ -108,7 +110,9 @@ describeWithTools([...DEPLOY_TOOLS, "bash", "find", "df", "script", "shellcheck"
         await Promise.all(names.map(async (n) => (hosts[n] = await startSshd({ adminKey: admin }))));
 
         // A server that accepts connections and never says a word.
-        stall = net.createServer(() => undefined);
+        stall = net.createServer(() => {
+            stallConnections += 1;
+        });
         await new Promise<void>((resolve) => stall.listen(0, "127.0.0.1", resolve));
         stallPort = (stall.address() as net.AddressInfo).port;
 
@@ -358,9 +362,11 @@ describeWithTools([...DEPLOY_TOOLS, "bash", "find", "df", "script", "shellcheck"
 
         it("leaves no key file when it is stopped while it waits", async () => {
             let pid = 0;
+            const before = stallConnections;
             const running = status(["slow", "--timeout", "30"], {}, (p) => (pid = p));
             await waitFor("the key directory", () => fs.readdirSync(tmp).length === 1, 15_000);
-            await new Promise((resolve) => setTimeout(resolve, 300));
+            // Its ssh reached the stalled host: the probes run, after the signal handlers were set.
+            await waitFor("the probe of the stalled host", () => stallConnections > before, 15_000);
             process.kill(pid, "SIGTERM");
             const run = await running;
             expect([run.status, run.stdout]).toEqual([143, ""]);
