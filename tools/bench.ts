@@ -17,7 +17,8 @@
  * - memory: peak RSS of the 50-host preview (process.resourceUsage().maxRSS, via the probe).
  * - deploy: tools/bench-deploy.ts's script-to-floor ratio, when that file and sshd are present.
  * - status: tools/bench-status.ts, `npm run status` of 20 loopback hosts against one host, in the
- *   same rounds. Target: at most 1.5.
+ *   same rounds. Target: at most 1.5. Beside it, not judged: bare `ssh ... true` sessions to the
+ *   same hosts (20 against 1), and the CPU a status run used here and on the fake hosts.
  */
 import { spawnSync } from "node:child_process";
 import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
@@ -170,7 +171,7 @@ async function benchDeployIfPresent(runs: number): Promise<DeployResult> {
 }
 
 type StatusResult =
-    | { available: true; rounds: number; hosts: number; fleetMedianMs: number; oneMedianMs: number; ratio: Verdict; fleetSamples: number[]; oneSamples: number[] }
+    | ({ available: true; ratio: Verdict } & Omit<import("./bench-status").StatusBench, "ratio">)
     | { available: false; reason: string };
 
 async function benchStatusIfPossible(rounds: number): Promise<StatusResult> {
@@ -303,6 +304,13 @@ function renderTable(r: BenchResult): string {
         r.status.available
             ? [`status, ${r.status.hosts} hosts vs 1`, ms(r.status.fleetMedianMs), `1 host ${ms(r.status.oneMedianMs)}`, r.status.ratio.value.toFixed(2), `<= ${r.status.ratio.target}`, result(r.status.ratio)]
             : ["status, 20 hosts vs 1", "not available", "", "", "", r.status.reason],
+        ...(r.status.available
+            ? [
+                  [`bare ssh sessions, ${r.status.hosts} vs 1`, ms(r.status.bareFleetMedianMs), `1 host ${ms(r.status.bareOneMedianMs)}`, r.status.bareRatio.toFixed(2), "", "floor under the status ratio"],
+                  [`status CPU, ${r.status.hosts} hosts`, `${ms(r.status.cpu.fleetLocalMs)} here`, `${ms(r.status.cpu.fleetHostsMs)} on hosts`, "", "", "means a run"],
+                  ["status CPU, 1 host", `${ms(r.status.cpu.oneLocalMs)} here`, `${ms(r.status.cpu.oneHostsMs)} on host`, "", "", ""],
+              ]
+            : []),
     ];
     const widths = rows[0].map((_, c) => Math.max(...rows.map((row) => (c === 5 ? 0 : row[c].length))));
     const line = (row: string[]) => row.map((cell, c) => (c === 5 ? cell : cell.padEnd(widths[c]))).join("  ").trimEnd();

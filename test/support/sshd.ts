@@ -176,6 +176,8 @@ export interface TestSshd {
     /** Successful SSH logins so far ("Accepted publickey" in sshd's log). */
     acceptedLogins(): number;
     sshdLog(): string;
+    /** The listening sshd's process ID while it runs: its reaped children are the sessions it served. */
+    serverPid(): number | undefined;
     stop(): Promise<void>;
 }
 
@@ -490,6 +492,9 @@ export async function startSshd(options: SshdOptions = {}): Promise<TestSshd> {
         },
         sshdLog(): string {
             return readOr(logFile, "");
+        },
+        serverPid(): number | undefined {
+            return exited ? undefined : child?.pid;
         },
         async stop(): Promise<void> {
             stopped = true;
