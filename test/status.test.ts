@@ -224,6 +224,32 @@ describe("printing", () => {
         expect(renderText(report, false)).toMatch(/^a-host-name-of-…  unhealthy     7        26.05  1d 1h    12\.0G   confirmed$/m);
     });
 
+    it("prints no control character a host or the outputs sent: no escape sequence reaches the terminal", () => {
+        const ESC = "\u001b";
+        const f = facts({
+            nixosVersion: `${ESC}[2J${ESC}]0;owned${ESC}\\`,
+            currentSystem: `/nix/store/${ESC}[8m`,
+            lastDeploy: { id: "0123456789ab", outcome: `rolled-back${ESC}[1A generation=7 reason=x${ESC}[2K\rweb  in sync\u202e` },
+            lastRollback: `${ESC}[31mfake\u009b2J`,
+            health: { url: `http://127.0.0.1/${ESC}[5m`, ok: false, detail: `${ESC}[1Acurl: (22) 503` },
+        });
+        const verdict = verdictOf(deployed, reached(f));
+        const name = `web${ESC}[2J`;
+        const report: StatusReport = {
+            stack: "prod",
+            checkedAt: "2026-12-01T00:00:00.000Z",
+            deadlineSeconds: 20,
+            exitStatus: 1,
+            hosts: [{ name, flakeAttr: "web", deployed, probe: reached(f), verdict, deployUrn: deployUrn("prod", "web"), next: ["a step\u001b[2J"] }],
+        };
+        for (const colour of [false, true]) {
+            // Only the colours the report sets itself.
+            const text = renderText(report, colour).replace(/\u001b\[(3[0-9]|0)m/g, "");
+            expect(text).not.toMatch(/[\u0000-\u0009\u000b-\u001f\u007f-\u009f\u202a-\u202e]/);
+        }
+        expect(renderText(report, false)).toMatch(/^web\?\[2J +drifted/m);
+    });
+
     it("wraps words with a hanging indent", () => {
         expect(wrap("one two three four", 11, "- ", "  ")).toEqual(["- one two", "  three", "  four"]);
     });

@@ -111,8 +111,18 @@ function paint(kind: VerdictKind, text: string, colour: boolean): string {
     return colour ? `\u001b[${COLOUR[kind]}m${text}\u001b[0m` : text;
 }
 
+/**
+ * What a host reported (and the names in the stack's outputs) as plain text: control characters
+ * (ESC and the rest of C0 and C1, DEL) and the bidirectional overrides would let a host move the
+ * cursor, recolour or clear the terminal, or overwrite lines of the table; each is shown as `?`.
+ */
+export function printable(text: string): string {
+    return text.replace(/[\u0000-\u001f\u007f-\u009f\u202a-\u202e\u2066-\u2069]/g, "?");
+}
+
 function cut(text: string, width: number): string {
-    return text.length <= width ? text : `${text.slice(0, width - 1)}…`;
+    const plain = printable(text);
+    return plain.length <= width ? plain : `${plain.slice(0, width - 1)}…`;
 }
 
 export function uptimeText(seconds: number | undefined): string {
@@ -162,7 +172,7 @@ export function wrap(text: string, width: number, indent: string, hanging = inde
     const lines: string[] = [];
     let line = "";
     const prefix = () => (lines.length === 0 ? indent : hanging);
-    for (const word of text.split(/\s+/).filter((w) => w !== "")) {
+    for (const word of printable(text.replace(/[\t\n\r]/g, " ")).split(/\s+/).filter((w) => w !== "")) {
         if (line !== "" && prefix().length + line.length + 1 + word.length > width) {
             lines.push(prefix() + line);
             line = word;
@@ -203,7 +213,7 @@ export function renderText(report: StatusReport, colour: boolean): string {
     for (const h of report.hosts.filter((x) => x.verdict.kind !== "in-sync")) {
         lines.push("", ...wrap(`${h.name}: ${h.verdict.text}`, WIDTH, "", "  ").map((l, i) => (i === 0 ? paint(h.verdict.kind, l, colour) : l)));
         for (const why of h.verdict.why) lines.push(...wrap(`- ${why}`, WIDTH, "  ", "    "));
-        for (const step of h.next) lines.push(...(isCommand(step) ? [`    ${step}`] : wrap(`next: ${step}`, WIDTH, "  ", "    ")));
+        for (const step of h.next) lines.push(...(isCommand(step) ? [`    ${printable(step)}`] : wrap(`next: ${step}`, WIDTH, "  ", "    ")));
     }
     const summary = counts(report)
         .map(([k, n]) => `${n} ${LABEL[k]}`)
