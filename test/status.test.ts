@@ -5,11 +5,17 @@
  */
 import { sshCommand } from "../components/nixosHost";
 import { PROJECT } from "../lib/config";
-import { deployUrn, hostsOf, parseArgs } from "../tools/status";
+import * as fs from "node:fs";
+import * as os from "node:os";
+import * as path from "node:path";
+import { Writable } from "node:stream";
+import { deployUrn, hostsOf, parseArgs, status } from "../tools/status";
 import { fingerprint, HostFacts, parseReport, parseSshCommand, Probe, REPORT_FORMAT, sshPath } from "../tools/statusProbe";
 import { renderText, StatusReport, useColour, wrap } from "../tools/statusReport";
 import { exitStatusOf, verdictOf } from "../tools/statusVerdict";
+import { fakePulumi } from "./support/fakePulumi";
 import { resource, runProgram } from "./support/program";
+import { tempDir } from "./support/tempDir";
 
 const KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGT132e+qnONjsm9xQQfd9oWrGJWQbfv8EoOwnp7SCGC";
 const SYSTEM = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-web-26.05.20261124.abcdef0";
@@ -265,5 +271,44 @@ describe("arguments and paths", () => {
     it("quote paths for ssh options and print fingerprints as ssh-keygen does", () => {
         expect(sshPath('/tmp/a b/%h"x')).toBe('"/tmp/a b/%%h\\"x"');
         expect(fingerprint(KEY)).toMatch(/^SHA256:[A-Za-z0-9+/]{43}$/);
+    });
+});
+
+describe("the key file", () => {
+    /** A stream that keeps what is written to it. */
+    function sink(): Writable & { text: () => string } {
+        let text = "";
+        const w = new Writable({ write: (chunk, _enc, done) => ((text += chunk.toString()), done()) });
+        return Object.assign(w, { text: () => text });
+    }
+
+    it("is removed when writing the key files fails half way (a full disk), and the command says what to do", async () => {
+        const work = tempDir("status-keyfail-");
+        // os.tmpdir() reads the real environment, not the test's process.env: the run's TMPDIR (test/support/globalTmp.ts).
+        const keyDirs = () => fs.readdirSync(os.tmpdir()).filter((n) => n.startsWith("nixos-ec2-status-"));
+        const pulumi = fakePulumi(path.join(work, "pulumi"));
+        const privateKey = "-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----\n";
+        pulumi.setOutputs("prod", {
+            adminPrivateKey: privateKey,
+            hosts: { web: { flakeAttr: "web", hostPublicKey: KEY, sshCommand: sshCommand("prod", "203.0.113.9", KEY), systemPath: SYSTEM, generation: 7 } },
+        });
+        // The module object itself (an `import * as` is a copy of its bindings), which tools/status.ts reads too.
+        const nodeFs = jest.requireActual<typeof fs>("node:fs");
+        const real = nodeFs.writeFileSync;
+        const spy = jest.spyOn(nodeFs, "writeFileSync").mockImplementation((file, ...rest) => {
+            if (String(file).endsWith("known_hosts")) throw Object.assign(new Error("ENOSPC: no space left on device, write"), { code: "ENOSPC" });
+            return real(file, ...rest);
+        });
+        const [stdout, stderr] = [sink(), sink()];
+        try {
+            const code = await status(["prod"], { stdout, stderr, env: { PATH: `${pulumi.binDir}:${process.env.PATH}`, HOME: process.env.HOME } });
+            expect(code).toBe(3);
+            expect(spy).toHaveBeenCalledWith(expect.stringMatching(/known_hosts$/), expect.anything(), expect.anything());
+        } finally {
+            spy.mockRestore();
+        }
+        expect(keyDirs()).toEqual([]);
+        expect(stderr.text()).toMatch(/could not write the key files into .*ENOSPC.*set TMPDIR/);
+        expect(stdout.text() + stderr.text()).not.toContain("PRIVATE KEY");
     });
 });

@@ -172,11 +172,17 @@ export function hostsOf(stack: string, outputs: Record<string, unknown>): { host
 function makeKeyDir(hosts: readonly HostEntry[], adminKey: string): { dir: string; files: SshFiles } {
     const base = os.tmpdir().includes("${") ? "/tmp" : os.tmpdir();
     const dir = fs.mkdtempSync(path.join(base, "nixos-ec2-status-"));
-    fs.chmodSync(dir, 0o700);
     const files = { identity: path.join(dir, "id"), knownHosts: path.join(dir, "known_hosts") };
-    fs.writeFileSync(files.identity, adminKey.endsWith("\n") ? adminKey : `${adminKey}\n`, { mode: 0o600, flag: "wx" });
-    const pins = hosts.flatMap((h) => (h.target ? [`${hostKeyAlias(h.name)} ${h.target.hostPublicKey.split(/\s+/).slice(0, 2).join(" ")}`] : []));
-    fs.writeFileSync(files.knownHosts, `${pins.join("\n")}\n`, { mode: 0o600, flag: "wx" });
+    try {
+        fs.chmodSync(dir, 0o700);
+        fs.writeFileSync(files.identity, adminKey.endsWith("\n") ? adminKey : `${adminKey}\n`, { mode: 0o600, flag: "wx" });
+        const pins = hosts.flatMap((h) => (h.target ? [`${hostKeyAlias(h.name)} ${h.target.hostPublicKey.split(/\s+/).slice(0, 2).join(" ")}`] : []));
+        fs.writeFileSync(files.knownHosts, `${pins.join("\n")}\n`, { mode: 0o600, flag: "wx" });
+    } catch (e) {
+        // A full or failing disk must not leave the key written so far behind.
+        fs.rmSync(dir, { recursive: true, force: true });
+        throw new CannotRun(`could not write the key files into ${base}: ${(e as Error).message}; set TMPDIR to a writable directory with space`);
+    }
     return { dir, files };
 }
 
@@ -221,8 +227,17 @@ export async function status(argv: readonly string[], io: Io): Promise<number> {
     }
 
     const checkedAt = new Date().toISOString();
-    const { dir, files } = makeKeyDir(entries, adminKey);
-    adminKey = "";
+    let keyDir: { dir: string; files: SshFiles };
+    try {
+        keyDir = makeKeyDir(entries, adminKey);
+    } catch (e) {
+        if (!(e instanceof CannotRun)) throw e;
+        io.stderr.write(`status: ${e.message}\n`);
+        return 3;
+    } finally {
+        adminKey = "";
+    }
+    const { dir, files } = keyDir;
     const abort = new AbortController();
     // Every host's ssh listens on it.
     setMaxListeners(entries.length + 10, abort.signal);
