@@ -360,16 +360,21 @@ describeWithTools([...DEPLOY_TOOLS, "bash", "find", "df", "script", "shellcheck"
             expect(run.elapsedMs).toBeLessThan(8000);
         });
 
-        it("leaves no key file when it is stopped while it waits", async () => {
+        it.each([
+            ["SIGTERM", 143],
+            ["SIGINT", 130],
+            ["SIGHUP", 129],
+            ["SIGQUIT", 131],
+        ] as Array<[NodeJS.Signals, number]>)("leaves no key file when it is stopped by %s while it waits", async (signal, exitStatus) => {
             let pid = 0;
             const before = stallConnections;
             const running = status(["slow", "--timeout", "30"], {}, (p) => (pid = p));
             await waitFor("the key directory", () => fs.readdirSync(tmp).length === 1, 15_000);
             // Its ssh reached the stalled host: the probes run, after the signal handlers were set.
             await waitFor("the probe of the stalled host", () => stallConnections > before, 15_000);
-            process.kill(pid, "SIGTERM");
+            process.kill(pid, signal);
             const run = await running;
-            expect([run.status, run.stdout]).toEqual([143, ""]);
+            expect([run.status, run.stdout]).toEqual([exitStatus, ""]);
             expect(run.elapsedMs).toBeLessThan(10_000);
         });
     });

@@ -247,7 +247,8 @@ export async function status(argv: readonly string[], io: Io): Promise<number> {
         removeKeys();
         process.exit(128 + (os.constants.signals[signal] ?? 1));
     };
-    const signals: NodeJS.Signals[] = ["SIGINT", "SIGTERM", "SIGHUP"];
+    // Ctrl-C, Ctrl-\, kill, a closed terminal: each would end the process and leave the key behind.
+    const signals: NodeJS.Signals[] = ["SIGINT", "SIGQUIT", "SIGTERM", "SIGHUP"];
     process.once("exit", removeKeys);
     for (const s of signals) process.once(s, onSignal);
     let probes: Probe[];
