@@ -11,7 +11,7 @@ import * as path from "node:path";
 import { Writable } from "node:stream";
 import { deployUrn, hostsOf, parseArgs, status } from "../tools/status";
 import { fingerprint, HostFacts, parseReport, parseSshCommand, Probe, REPORT_FORMAT, sshPath } from "../tools/statusProbe";
-import { renderText, StatusReport, useColour, wrap } from "../tools/statusReport";
+import { renderJson, renderText, StatusReport, useColour, wrap } from "../tools/statusReport";
 import { exitStatusOf, verdictOf } from "../tools/statusVerdict";
 import { fakePulumi } from "./support/fakePulumi";
 import { resource, runProgram } from "./support/program";
@@ -254,6 +254,15 @@ describe("printing", () => {
             expect(text).not.toMatch(/[\u0000-\u0009\u000b-\u001f\u007f-\u009f\u202a-\u202e]/);
         }
         expect(renderText(report, false)).toMatch(/^web\?\[2J +drifted/m);
+    });
+
+    it("lists every host in the JSON document, whatever the outputs name it", () => {
+        const probe: Probe = { reachable: false, why: { kind: "no-address", message: "not a host name of this program" } };
+        const verdict = verdictOf(deployed, probe);
+        const hosts = ["__proto__", "web"].map((name) => ({ name, flakeAttr: name, deployed, probe, verdict, deployUrn: deployUrn("prod", name), next: [] }));
+        const document = JSON.parse(renderJson({ stack: "prod", checkedAt: "2026-12-01T00:00:00.000Z", deadlineSeconds: 20, exitStatus: 2, hosts }));
+        expect(Object.keys(document.hosts)).toEqual(["__proto__", "web"]);
+        expect(document.summary).toEqual({ hosts: 2, unreachable: 2 });
     });
 
     it("wraps words with a hanging indent", () => {

@@ -61,22 +61,25 @@ interface HostJson {
 }
 
 export function renderJson(report: StatusReport): string {
-    const hosts: Record<string, HostJson> = {};
-    for (const h of report.hosts) {
-        hosts[h.name] = {
-            verdict: h.verdict.text,
-            kind: h.verdict.kind,
-            why: h.verdict.why,
-            reachable: h.probe.reachable,
-            unreachable: h.probe.reachable ? null : h.probe.why,
-            flakeAttr: h.flakeAttr,
-            ssh: h.ssh ?? null,
-            deployed: { systemPath: h.deployed.systemPath ?? null, generation: h.deployed.generation ?? null },
-            host: h.probe.reachable ? h.probe.facts : null,
-            deployUrn: h.deployUrn,
-            next: h.next,
-        };
-    }
+    // Defined, not assigned: a host the outputs name "__proto__" is a host like any other.
+    const hosts: Record<string, HostJson> = Object.fromEntries(
+        report.hosts.map((h): [string, HostJson] => [
+            h.name,
+            {
+                verdict: h.verdict.text,
+                kind: h.verdict.kind,
+                why: h.verdict.why,
+                reachable: h.probe.reachable,
+                unreachable: h.probe.reachable ? null : h.probe.why,
+                flakeAttr: h.flakeAttr,
+                ssh: h.ssh ?? null,
+                deployed: { systemPath: h.deployed.systemPath ?? null, generation: h.deployed.generation ?? null },
+                host: h.probe.reachable ? h.probe.facts : null,
+                deployUrn: h.deployUrn,
+                next: h.next,
+            },
+        ]),
+    );
     const document = {
         stack: report.stack,
         checkedAt: report.checkedAt,
