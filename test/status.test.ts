@@ -268,6 +268,18 @@ describe("printing", () => {
     it("wraps words with a hanging indent", () => {
         expect(wrap("one two three four", 11, "- ", "  ")).toEqual(["- one two", "  three", "  four"]);
     });
+
+    it("cuts a word longer than a line, as the store path in the reason of a failed trial boot", () => {
+        expect(wrap("a abcdefghijklmnop b", 10, "- ", "  ")).toEqual(["- a", "  abcdefgh", "  ijklmnop", "  b"]);
+        const store = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-web-frontend-eu-1-26.05.20261124.abcdef0";
+        const outcome = `rolled-back generation=7 reason=the host did not come up on generation 8 and booted ${store} (GRUB's default) instead`;
+        const f = facts({ lastDeploy: { id: "0123456789ab", outcome }, lastRollback: `2026-12-01T00:00:00+0000 deploy 0123456789ab rolled back to generation 7: ${outcome}` });
+        const verdict = verdictOf(deployed, reached(f));
+        expect(verdict.kind).toBe("rolled-back");
+        const text = renderText({ stack: "prod", checkedAt: "", deadlineSeconds: 20, exitStatus: 1, hosts: [{ name: "web", flakeAttr: "web", deployed, probe: reached(f), verdict, deployUrn: "u", next: [] }] }, false);
+        expect(text.split("\n").filter((l) => l.length > 80)).toEqual([]);
+        expect(text.replace(/\n +/g, "")).toContain(store);
+    });
 });
 
 describe("arguments and paths", () => {

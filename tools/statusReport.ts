@@ -168,18 +168,28 @@ const COLUMNS = [
 ];
 
 /**
- * Words filled into lines of at most `width`, the first after `indent`, the others after `hanging`
- * (a word longer than a line gets a line of its own).
+ * Words filled into lines of at most `width`, the first after `indent`, the others after `hanging`;
+ * a word longer than a line (a store path in a host's reason) is cut across lines.
  */
 export function wrap(text: string, width: number, indent: string, hanging = indent): string[] {
     const lines: string[] = [];
     let line = "";
     const prefix = () => (lines.length === 0 ? indent : hanging);
-    for (const word of printable(text.replace(/[\t\n\r]/g, " ")).split(/\s+/).filter((w) => w !== "")) {
+    for (let word of printable(text.replace(/[\t\n\r]/g, " ")).split(/\s+/).filter((w) => w !== "")) {
         if (line !== "" && prefix().length + line.length + 1 + word.length > width) {
             lines.push(prefix() + line);
-            line = word;
-        } else line = line === "" ? word : `${line} ${word}`;
+            line = "";
+        }
+        if (line !== "") {
+            line = `${line} ${word}`;
+            continue;
+        }
+        // At least one character a line, whatever the indent.
+        for (let room = Math.max(1, width - prefix().length); word.length > room; room = Math.max(1, width - prefix().length)) {
+            lines.push(prefix() + word.slice(0, room));
+            word = word.slice(room);
+        }
+        line = word;
     }
     if (line !== "") lines.push(prefix() + line);
     return lines;
