@@ -59,7 +59,8 @@ const servers = Object.fromEntries(
 
 // The plan lists each rollout canary before the hosts whose deploys wait for it.
 const deployments: Record<string, NixosDeployment> = {};
-for (const { host, canaryFor, afterCanary } of rolloutPlan(settings.hosts, settings.rollout)) {
+const secretsOfHost = (name: string) => settings.secrets.filter((s) => s.hosts.includes(name)).map((s) => s.name);
+for (const { host, canaryFor, afterCanary } of rolloutPlan(settings.hosts, settings.rollout, secretsOfHost)) {
     const server = servers[host.name];
     deployments[host.name] = new NixosDeployment(
         host.name,

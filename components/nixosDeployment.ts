@@ -148,6 +148,17 @@ export class NixosDeployment extends pulumi.ComponentResource {
             { parent: this, dependsOn: opts?.dependsOn },
         );
 
+        if (args.canaryFor !== undefined && args.canaryFor.length > 0) {
+            // `pulumi up` prints it under this host's deployment, beside the deploy's error when
+            // it fails: the deploy Command cannot say it itself without the hosts as an input,
+            // which would re-run the canary's deploy whenever a host joins or leaves its group.
+            void pulumi.log.info(
+                `rollout canary of flakeAttr ${args.flakeAttr}: the deploys of ${args.canaryFor.join(", ")} start only after this host's deploy confirmed; ` +
+                    "if it fails, they are not started and keep running the systems they run now",
+                this,
+            );
+        }
+
         const result = command.stdout.apply(parseDeployResult);
         this.systemPath = result.systemPath;
         this.generation = result.generation;

@@ -72,6 +72,11 @@ export interface OfflineRun {
     readonly standIns: Record<string, string>;
     /** What the program logged with `pulumi.log.warn`, in order. */
     readonly warnings: string[];
+    /**
+     * What the program logged with `pulumi.log.info`, in order, with the name of the resource it
+     * was logged on. Not printed: the preview says the same in its own sections.
+     */
+    readonly notes: { readonly resource?: string; readonly message: string }[];
 }
 
 export interface OfflineOptions {
@@ -222,6 +227,7 @@ export async function runOffline(options: OfflineOptions): Promise<OfflineRun> {
     const unmockedInvokes: string[] = [];
     const standIns: Record<string, string> = {};
     const warnings: string[] = [];
+    const notes: { resource?: string; message: string }[] = [];
 
     await pulumi.runtime.setMocks(
         {
@@ -277,7 +283,7 @@ export async function runOffline(options: OfflineOptions): Promise<OfflineRun> {
         });
 
     // The program's warnings (lib/readSettings.ts) are recorded for the caller, and printed unless it takes them.
-    const log = pulumi.log as { warn: typeof pulumi.log.warn };
+    const log = pulumi.log as { warn: typeof pulumi.log.warn; info: typeof pulumi.log.info };
     const printWarning = log.warn;
     log.warn = (message, ...rest) => {
         warnings.push(message);
@@ -287,6 +293,10 @@ export async function runOffline(options: OfflineOptions): Promise<OfflineRun> {
         }
         return printWarning(message, ...rest);
     };
+    log.info = (message, resource) => {
+        notes.push({ resource: (resource as { __name?: string } | undefined)?.__name, message });
+        return Promise.resolve();
+    };
 
     // eslint-disable-next-line @typescript-eslint/no-require-imports
     const program = require(options.program ?? path.join(PROJECT_DIR, "index.ts")) as Record<string, unknown>;
@@ -294,5 +304,5 @@ export async function runOffline(options: OfflineOptions): Promise<OfflineRun> {
     const outputs = (await resolveOutputs(pulumi, exported)) as Record<string, unknown>;
     await (pulumi.runtime as unknown as { waitForRPCs(): Promise<void> }).waitForRPCs();
 
-    return { stack: options.stack, resources, invokes, unmockedInvokes, outputs, standIns, warnings };
+    return { stack: options.stack, resources, invokes, unmockedInvokes, outputs, standIns, warnings, notes };
 }

@@ -53,10 +53,29 @@ describe("rollout: canary (the default on prod)", () => {
         }
     });
 
+    it("logs on the canary's deployment which hosts wait for it, for pulumi up to print beside its error", () => {
+        expect(run.notes).toEqual([
+            {
+                resource: "web-a",
+                message:
+                    "rollout canary of flakeAttr web: the deploys of web-b, web-c start only after this host's deploy confirmed; " +
+                    "if it fails, they are not started and keep running the systems they run now",
+            },
+        ]);
+    });
+
     it("holds back only the deploys: the other hosts' instances do not wait for the canary", () => {
         const canary = resource(run, COMMAND, "web-a-switch").urn;
         const waiting = run.resources.filter((r) => r.dependencies.includes(canary)).map((r) => `${r.type} ${r.name}`);
         expect(waiting.sort()).toEqual([`${COMMAND} web-b-switch`, `${COMMAND} web-c-switch`, `${DEPLOYMENT} web-b`, `${DEPLOYMENT} web-c`]);
+    });
+
+    it("puts the hosts that get a secret behind a canary that gets it too", async () => {
+        const withSecret = await runProgram("prod", { hosts: FLEET, hostSecrets: JSON.stringify({ apiToken: ["web-b", "web-c"] }), "secret.apiToken": "token-1" });
+        expect(deploysAwaited(withSecret, "web-b")).toEqual([]);
+        expect(deploysAwaited(withSecret, "web-a")).toEqual(["web-b-switch"]);
+        expect(deploysAwaited(withSecret, "web-c")).toEqual(["web-b-switch"]);
+        expect(deploysAwaited(withSecret, "db")).toEqual([]);
     });
 
     it("leaves a fleet of one as it was", async () => {
@@ -67,6 +86,10 @@ describe("rollout: canary (the default on prod)", () => {
 });
 
 describe("rollout: parallel (the default elsewhere)", () => {
+    it("logs no canary", async () => {
+        expect((await runProgram("staging", { hosts: FLEET })).notes).toEqual([]);
+    });
+
     it("lets every deploy of staging's fleet start at once", async () => {
         const run = await runProgram("staging", { hosts: FLEET });
         for (const host of ["web-a", "web-b", "web-c", "db"]) expect(deploysAwaited(run, host)).toEqual([]);
@@ -105,6 +128,30 @@ describe("rolloutPlan", () => {
         expect(position("a")).toBeLessThan(position("b"));
         expect(position("y")).toBeLessThan(position("z"));
         expect(plan.map((s) => s.host.name).sort()).toEqual(["a", "b", "solo", "y", "z"]);
+    });
+
+    it("makes the canary a host that every change reaches: one that gets every secret of its flakeAttr", () => {
+        // A new apiToken re-runs only the deploys of web-b and web-c: web-a cannot be their canary.
+        const secrets: Record<string, string[]> = { "web-b": ["apiToken"], "web-c": ["apiToken"] };
+        const plan = rolloutPlan([host("web-a", "web"), host("web-b", "web"), host("web-c", "web")], "canary", (h) => secrets[h] ?? []);
+        expect(plan.map((s) => [s.host.name, s.afterCanary ?? "", (s.canaryFor ?? []).join(" ")])).toEqual([
+            ["web-b", "", "web-a web-c"],
+            ["web-a", "web-b", ""],
+            ["web-c", "web-b", ""],
+        ]);
+    });
+
+    it("groups a flakeAttr's hosts by the secrets they get when no host gets them all", () => {
+        const secrets: Record<string, string[]> = { a: ["s1"], b: ["s2"], c: ["s1"], d: ["s2"], e: [] };
+        const plan = rolloutPlan(["a", "b", "c", "d", "e"].map((n) => host(n, "web")), "canary", (h) => secrets[h]);
+        expect(Object.fromEntries(plan.map((s) => [s.host.name, s.afterCanary ?? (s.canaryFor ?? []).join(" ")]))).toEqual({
+            a: "c",
+            b: "d",
+            c: "a",
+            d: "b",
+            e: "",
+        });
+        expect(plan.filter((s) => s.canaryFor !== undefined).map((s) => s.host.name)).toEqual(["a", "b"]);
     });
 
     it("makes no host wait with parallel", () => {
