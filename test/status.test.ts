@@ -227,7 +227,27 @@ describe("printing", () => {
             expect(visible.split("\n").filter((l) => l.length > 80 && !l.startsWith("    pulumi "))).toEqual([]);
             expect(text.includes("\u001b[")).toBe(colour);
         }
-        expect(renderText(report, false)).toMatch(/^a-host-name-of-…  unhealthy     7        26.05  1d 1h    12\.0G   confirmed$/m);
+        // Longer than the column: the whole name on a line of its own, its row under it.
+        expect(renderText(report, false)).toMatch(/^a-host-name-of-thirty-one-chars\n {22}unhealthy     7        26\.05  1d 1h    12\.0G   confirmed$/m);
+    });
+
+    it("never cuts a host name, so two that differ only at their end stay apart", () => {
+        const deployed = { systemPath: "/nix/store/s", generation: 7 };
+        const f = facts({ currentSystem: "/nix/store/s", bootedSystem: "/nix/store/s", profileSystem: "/nix/store/s", profileGeneration: 7 });
+        const names = ["web-frontend-eu-1", "web-frontend-eu-2", "web-frontend-eu-north-1-primary"];
+        const report: StatusReport = {
+            stack: "prod",
+            checkedAt: "2026-12-01T00:00:00.000Z",
+            deadlineSeconds: 20,
+            exitStatus: 0,
+            hosts: names.map((name) => ({ name, flakeAttr: "web", deployed, probe: reached(f), verdict: verdictOf(deployed, reached(f)), deployUrn: deployUrn("prod", name), next: [] })),
+        };
+        const lines = renderText(report, false).split("\n");
+        expect(lines.filter((l) => l.length > 80)).toEqual([]);
+        expect(lines).toContainEqual(expect.stringMatching(/^web-frontend-eu-1 {5}in sync/));
+        expect(lines).toContainEqual(expect.stringMatching(/^web-frontend-eu-2 {5}in sync/));
+        const own = lines.indexOf("web-frontend-eu-north-1-primary");
+        expect(lines[own + 1]).toMatch(/^ {22}in sync/);
     });
 
     it("prints no control character a host or the outputs sent: no escape sequence reaches the terminal", () => {

@@ -95,7 +95,7 @@ export function renderJson(report: StatusReport): string {
 
 export const WIDTH = 80;
 
-/** Colour on a terminal only, and never when NO_COLOR is set to anything (no-color.org) or TERM is dumb. */
+/** Colour on a terminal only, and never when NO_COLOR is set to a non-empty value (no-color.org) or TERM is dumb. */
 export function useColour(isTty: boolean, env: NodeJS.ProcessEnv): boolean {
     return isTty && !env.NO_COLOR && env.TERM !== "dumb";
 }
@@ -167,6 +167,18 @@ const COLUMNS = [
     { title: "LAST DEPLOY", width: 11 },
 ];
 
+/** What the columns after HOST take of a line, their separators included. */
+const AFTER_HOST = COLUMNS.slice(1).reduce((sum, c) => sum + 2 + c.width, 0);
+
+/**
+ * The HOST column: as wide as the longest name, within what leaves the other columns their room.
+ * A name is never cut (two names that differ only at their end would look the same); one longer
+ * than the column gets a line of its own, and its row follows under it.
+ */
+function hostWidth(names: readonly string[]): number {
+    return Math.min(WIDTH - AFTER_HOST, Math.max(COLUMNS[0].title.length, ...names.map((n) => printable(n).length)));
+}
+
 /**
  * Words filled into lines of at most `width`, the first after `indent`, the others after `hanging`;
  * a word longer than a line (a store path in a host's reason) is cut across lines.
@@ -205,10 +217,11 @@ export function renderText(report: StatusReport, colour: boolean): string {
         ...wrap(`nixos-ec2 status of stack ${report.stack}: ${report.hosts.length} host${report.hosts.length === 1 ? "" : "s"}, each checked over one SSH session (deadline ${report.deadlineSeconds} s)`, WIDTH, ""),
         "",
     ];
+    const widths = [hostWidth(report.hosts.map((h) => h.name)), ...COLUMNS.slice(1).map((c) => c.width)];
     const row = (cells: string[], kind?: VerdictKind) =>
         cells
             .map((cell, i) => {
-                const text = cut(cell, COLUMNS[i].width).padEnd(i === cells.length - 1 ? 0 : COLUMNS[i].width);
+                const text = cut(cell, widths[i]).padEnd(i === cells.length - 1 ? 0 : widths[i]);
                 return i === 1 && kind !== undefined ? paint(kind, text, colour) : text;
             })
             .join("  ")
@@ -216,9 +229,11 @@ export function renderText(report: StatusReport, colour: boolean): string {
     lines.push(row(COLUMNS.map((c) => c.title)));
     for (const h of report.hosts) {
         const f = h.probe.reachable ? h.probe.facts : undefined;
+        const name = printable(h.name);
+        if (name.length > widths[0]) lines.push(name);
         lines.push(
             row(
-                [h.name, LABEL[h.verdict.kind], generationText(h), f ? releaseOf(f.nixosVersion) : "-", uptimeText(f?.uptimeSeconds), diskText(f?.diskFreeKiB), lastDeployText(h)],
+                [name.length > widths[0] ? "" : name, LABEL[h.verdict.kind], generationText(h), f ? releaseOf(f.nixosVersion) : "-", uptimeText(f?.uptimeSeconds), diskText(f?.diskFreeKiB), lastDeployText(h)],
                 h.verdict.kind,
             ),
         );
