@@ -329,8 +329,10 @@ describeWithTools([...DEPLOY_TOOLS, "base64", "cmp"])("host secrets: deploy/nixo
         sshd.setBehaviour({ secretUnits: USES, buildDelaySeconds: 0.5 });
         const values = [WEB_ADMIN_1, API_TOKEN_1];
         const forms = values.flatMap(leakForms);
-        // What the kernel shows for the script once `#!/usr/bin/env bash` has run bash on it.
+        // What the kernel shows for the script once `#!/usr/bin/env bash` has run bash on it, and,
+        // a moment before, for the same process while env still looks bash up on PATH.
         const scriptCommand = `bash\0${DEPLOY_SCRIPT}\0`;
+        const scriptByEnv = `/usr/bin/env\0bash\0${DEPLOY_SCRIPT}\0`;
         let samples = 0;
         let sawScriptEnvironment = false;
         const seen: string[] = [];
@@ -355,7 +357,7 @@ describeWithTools([...DEPLOY_TOOLS, "base64", "cmp"])("host secrets: deploy/nixo
                     // Proves the sampling sees what it looks for.
                     if (forms.some((f) => environ.includes(f))) sawScriptEnvironment = true;
                     environ = "";
-                }
+                } else if (cmdline === scriptByEnv) environ = "";
                 for (const [what, text] of [["argv", cmdline], ["environment", environ]]) {
                     if (forms.some((f) => text.includes(f))) seen.push(`${what} of ${cmdline.split("\0").join(" ")}`);
                 }
